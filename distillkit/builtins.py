@@ -1,0 +1,46 @@
+"""The host's own default plugin: datasets, evaluation protocols and the ConvNet family.
+
+Loaded like any other plugin (through the same hooks), so ``distillkit
+plugins`` lists what the host itself provides.
+"""
+
+from distillkit import hookimpl
+from distillkit.data import builtin_datasets
+from distillkit.evaluate import TrainingProtocol
+from distillkit.zoo import convnet
+
+PROTOCOLS = (
+    TrainingProtocol(
+        "dc-classic",
+        description="DC/DSA/DM protocol: SGD lr 0.01 mom 0.9 wd 5e-4, batch 256, 1000 epochs, lr x0.1 at half "
+                    "(optimizer re-created), DSA per sample",
+    ),
+    TrainingProtocol(
+        "idc", batch_size=64, milestones=(2 / 3, 5 / 6), gamma=0.2, restart_optimizer=False, augment="idc",
+        augment_strategy="color_crop_flip_scale_rotate", cutmix_prob=0.5, cutmix_beta=1.0,
+        description="IDC/M3D protocol: batch 64, 1000 epochs, lr x0.2 at 2/3 and 5/6, IDC-mode augmentation, "
+                    "CutMix p=0.5",
+    ),
+    TrainingProtocol(
+        "smoke", epochs=50, test_limit=2000,
+        description="quick check: dc-classic settings with 50 epochs, first 2000 test images",
+    ),
+)
+
+
+@hookimpl
+def register_datasets(register):
+    for name, factory in builtin_datasets().items():
+        register(name, factory)
+
+
+@hookimpl
+def register_protocols(register):
+    for protocol in PROTOCOLS:
+        register(protocol.name, protocol)
+
+
+@hookimpl
+def register_models(register):
+    for name, factory in convnet.VARIANTS.items():
+        register(name, factory)

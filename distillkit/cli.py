@@ -1,0 +1,282 @@
+"""The ``distillkit`` command line (also ``python -m distillkit``)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from distillkit import __version__, registry
+from distillkit.errors import UsageError
+
+console = Console(stderr=True)
+out = Console()
+
+
+class _Main(click.Group):
+    """Turns :class:`UsageError` into one line on stderr and exit status 2 (``--debug`` shows the traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UsageError as exc:
+            if ctx.meta.get("distillkit.debug"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="distillkit")
+@click.option("--plugins-dir", type=click.Path(file_okay=False, path_type=Path), envvar="DISTILLKIT_PLUGINS_DIR",
+              help="Also load every *.py file in this directory as a plugin (env DISTILLKIT_PLUGINS_DIR).")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, plugins_dir: Path | None, debug: bool) -> None:
+    """distillkit: learn tiny synthetic training sets (dataset distillation)."""
+    ctx.meta["distillkit.debug"] = debug
+    try:
+        registry.load_plugins(plugins_dir)
+    except UsageError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        ctx.exit(2)
+
+
+# -- distill ---------------------------------------------------------------
+
+_RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augment_strategy", "lr_img", "momentum",
+                  "iterations", "batch_real", "batch_syn", "step", "checkpoint_every", "log_every")
+
+
+@cli.command()
+@click.option("--method", default=None, help="Method name (see `distillkit list methods`).  [default: dm]")
+@click.option("--dataset", default=None, help="Dataset name (see `distillkit list datasets`).  [default: mnist]")
+@click.option("--ipc", type=int, default=None, help="Stored synthetic images per class.  [default: 10]")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory to create.  [default: runs/METHOD-DATASET-ipcIPC]")
+@click.option("--iterations", type=int, help="Condense iterations (method default otherwise).")
+@click.option("--batch-real", type=int, help="Real images per class per iteration.")
+@click.option("--batch-syn", type=int, help="Cap on decoded synthetic images per class per step.")
+@click.option("--lr-img", type=float, help="Learning rate of the synthetic images.")
+@click.option("--momentum", type=float, help="SGD momentum of the synthetic images.")
+@click.option("--step", type=click.Choice(["iteration", "class"]), help="One optimizer step per iteration or per class.")
+@click.option("--objective", help="Override the method's objective (see `distillkit list objectives`).")
+@click.option("--parameterization", help="Override the parameterization (see `distillkit list parameterizations`).")
+@click.option("--sampler", help="Override the feature-extractor sampler (see `distillkit list samplers`).")
+@click.option("--augment", type=click.Choice(["dsa", "idc", "none"]), help="Augmentation composition mode.")
+@click.option("--augment-strategy", help="Augmentation ops joined by '_', e.g. color_crop_cutout.")
+@click.option("--set", "sets", multiple=True, metavar="COMPONENT.OPTION=VALUE",
+              help="Component option, repeatable: objective.kernel=linear, parameterization.factor=3, "
+                   "sampler.period=10, dataset.path=/data/imgs.")
+@click.option("--seed", type=int, default=None, help="The one seed every random stream derives from.  [default: 0]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder (else $DISTILLKIT_DATA, else cache).")
+@click.option("--checkpoint-every", type=int, help="Write a checkpoint every N iterations.  [default: 100]")
+@click.option("--log-every", type=int, help="Read the loss back and log it every N iterations.  [default: 10]")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the run in this directory from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume_dir, overwrite, **overrides) -> None:
+    """Learn a synthetic set and write it to a run directory."""
+    from distillkit.artifact import CONFIG_FILE
+    from distillkit.condense import Interrupted, distill as run_distill, resolve_device
+    from distillkit.config import RunConfig, parse_sets, resolve
+    from distillkit.data import resolve_root
+
+    if resume_dir is not None:
+        cfg = _resumed_config(resume_dir, method, dataset, ipc, out_dir, sets, seed, overrides)
+        run_dir = resume_dir
+    else:
+        method_obj = registry.create("methods", method or "dm")
+        cfg = resolve(method_obj, dataset or "mnist", 10 if ipc is None else ipc,
+                      {**overrides, "seed": seed}, parse_sets(sets))
+        registry.create("datasets", cfg.dataset, **cfg.dataset_options)  # unknown dataset: fail before any I/O
+        run_dir = out_dir or Path("runs") / f"{cfg.method}-{cfg.dataset}-ipc{cfg.ipc}"
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise UsageError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
+                                 f"or --overwrite to replace it")
+            if not (run_dir / CONFIG_FILE).exists():
+                raise UsageError(f"--overwrite refused: {run_dir} is not a distillkit run directory (no {CONFIG_FILE})")
+            shutil.rmtree(run_dir)
+    dev = resolve_device(device)
+    console.print(f"[bold]distill[/] {cfg.method} on {cfg.dataset}, IPC {cfg.ipc}, {cfg.iterations} iterations, "
+                  f"seed {cfg.seed}, device {dev} -> {run_dir}")
+    with _progress() as progress:
+        task = progress.add_task("condense", total=max(cfg.iterations, 1), loss="")
+
+        def on_progress(iteration: int, loss: float | None) -> None:
+            progress.update(task, completed=iteration, **({"loss": f"loss {loss:.4g}"} if loss is not None else {}))
+
+        try:
+            path = run_distill(cfg, run_dir, device=dev, data_root=resolve_root(data_root), resume=resume_dir is not None,
+                               on_progress=on_progress)
+        except Interrupted as stop:
+            progress.stop()
+            click.echo(f"interrupted at iteration {stop.iteration}; checkpoint written. Continue with: "
+                       f"distillkit distill --resume {run_dir}", err=True)
+            sys.exit(130)
+    out.print(f"wrote {path}")
+
+
+def _resumed_config(run_dir: Path, method, dataset, ipc, out_dir, sets, seed, overrides):
+    import json
+
+    from distillkit.artifact import CONFIG_FILE
+    from distillkit.config import RunConfig, parse_sets
+
+    path = run_dir / CONFIG_FILE
+    if not path.exists():
+        raise UsageError(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a distillkit run directory?")
+    try:
+        cfg = RunConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise UsageError(f"--resume {run_dir}: {path} is damaged ({exc})") from None
+    given = {"method": method, "dataset": dataset, "ipc": ipc, "seed": seed,
+             **{k: v for k, v in overrides.items() if k in _RUN_OVERRIDES}}
+    recorded = cfg.as_dict()
+    clashes = [f"--{k.replace('_', '-')} {v!r} (recorded {recorded[k]!r})"
+               for k, v in given.items() if v is not None and v != recorded[k]]
+    for component, options in parse_sets(sets).items():
+        for key, value in options.items():
+            if recorded[f"{component}_options"].get(key) != value:
+                clashes.append(f"--set {component}.{key}={value!r}")
+    if out_dir is not None and Path(out_dir) != run_dir:
+        clashes.append(f"--out {out_dir}")
+    if clashes:
+        raise UsageError(f"--resume {run_dir} keeps the recorded config; these flags contradict it: "
+                         f"{'; '.join(clashes)}")
+    return cfg
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=console,
+                    transient=False)
+
+
+# -- evaluate --------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--protocol", default="dc-classic", show_default=True, help="See `distillkit list protocols`.")
+@click.option("--models", default="convnet3", show_default=True,
+              help="Comma-separated model names or globs ('convnet*'); see `distillkit list models`.")
+@click.option("--runs", type=int, default=5, show_default=True, help="Fresh networks trained per model.")
+@click.option("--epochs", type=int, help="Override the protocol's training epochs.")
+@click.option("--test-limit", type=int, help="Test on only the first N test images (quick checks).")
+@click.option("--stacked/--sequential", default=None,
+              help="Train the runs of a model together (vmap) or one by one.  [default: stacked]")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also evaluate a random real subset at the same IPC.")
+@click.option("--seed", type=int, help="Evaluation seed.  [default: the run's seed]")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder (else $DISTILLKIT_DATA, else cache).")
+def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, baseline, seed, device, data_root) -> None:
+    """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv."""
+    from distillkit.condense import resolve_device
+    from distillkit.data import resolve_root
+    from distillkit.evaluate import evaluate_run, resolve_protocol
+
+    proto = resolve_protocol(protocol, epochs=epochs, test_limit=test_limit, stacked=stacked)
+    names = registry.plugins()["models"].match([m.strip() for m in models.split(",") if m.strip()])
+    dev = resolve_device(device)
+    jobs = len(names) * (2 if baseline else 1)
+    with _progress() as progress:
+        task = progress.add_task("evaluate", total=jobs, loss="")
+
+        started = iter(range(jobs))
+
+        def on_job(model: str, kind: str) -> None:
+            progress.update(task, completed=next(started), loss=f"{model} / {kind}")
+
+        report = evaluate_run(run_dir, protocol=proto, models=names, runs=runs, seed=seed, baseline=baseline,
+                              device=dev, data_root=resolve_root(data_root), on_job=on_job)
+        progress.update(task, completed=jobs)
+    _print_eval(report)
+
+
+def _print_eval(report: dict) -> None:
+    rows = report["new"]
+    table = Table(title=f"{report['method']} on {report['dataset']}, IPC {report['ipc']} "
+                        f"({rows[0]['protocol']}, {rows[0]['runs']} runs)")
+    table.add_column("model")
+    table.add_column("synthetic (%)", justify="right")
+    table.add_column("random baseline (%)", justify="right")
+    by_model: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], {})[row["kind"]] = row
+    for model, kinds in by_model.items():
+        cell = lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "-"  # noqa: E731
+        table.add_row(model, cell(kinds.get("synthetic")), cell(kinds.get("random-baseline")))
+    out.print(table)
+    out.print(f"wrote {Path(report['run']) / 'eval.json'} and eval.csv")
+
+
+# -- plugins, list, show ---------------------------------------------------
+
+
+@cli.command()
+def plugins() -> None:
+    """Show every plugin: package, version, hooks and what it registers (and import errors)."""
+    table = Table(title="distillkit plugins")
+    for col in ("plugin", "package", "version", "registers", "status"):
+        table.add_column(col)
+    for info in registry.plugins().info():
+        regs = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in info.registers.items())
+        status = f"[red]error: {info.error}[/]" if info.error else "ok"
+        table.add_row(info.name, info.package, info.version, regs or ", ".join(info.hooks), status)
+    out.print(table)
+
+
+@cli.command(name="list")
+@click.argument("kind", type=click.Choice(list(registry.KINDS)))
+@click.option("--filter", "pattern", default="*", show_default=True, help="Glob on names, e.g. 'convnet*'.")
+def list_(kind: str, pattern: str) -> None:
+    """List the registered names of one KIND, with the plugin that provides each."""
+    import fnmatch
+
+    reg = registry.plugins()[kind]
+    table = Table(title=f"{kind}")
+    for col in ("name", "plugin", "description"):
+        table.add_column(col)
+    for name in fnmatch.filter(reg.names(), pattern):
+        entry = reg.get(name)
+        doc = getattr(entry.factory, "description", "") or (entry.factory.__doc__ or "").strip().split("\n")[0]
+        table.add_row(name, entry.plugin, doc)
+    out.print(table)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG file to write.  [default: RUN_DIR/grid.png]")
+@click.option("--decoded/--stored", default=True, show_default=True,
+              help="Show the decoded training images or the stored ones (differ for factor sets).")
+@click.option("--max-per-class", type=int, default=20, show_default=True, help="Images per row at most.")
+def show(run_dir: Path, output: Path | None, decoded: bool, max_per_class: int) -> None:
+    """Draw the synthetic images as a grid, one row per class, labelled with class names."""
+    from distillkit.artifact import load_synthetic
+    from distillkit.pictures import image_grid
+
+    synthetic = load_synthetic(run_dir)
+    target = output or Path(run_dir) / "grid.png"
+    images, labels = (synthetic.images, synthetic.labels) if decoded else (synthetic.stored, synthetic.stored_labels)
+    image_grid(synthetic.spec.denormalize(images), labels, synthetic.class_names, target, max_per_class)
+    out.print(f"wrote {target}")
+
+
+def main() -> None:
+    cli(prog_name="distillkit")
+
+
+if __name__ == "__main__":
+    main()

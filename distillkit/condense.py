@@ -1,0 +1,273 @@
+"""The condense loop: the one training loop for synthetic data, serving every method.
+
+Per iteration::
+
+    parameterization.project()                       # e.g. clamp to [0, 1]
+    extract = sampler.extractor(it)                  # new or reused network
+    real features of every class in ONE batched forward (no autograd)
+    for block in schedule:                           # all classes (DM) or one class per step (M3D)
+        syn = parameterization.decode(block)
+        same augmentation parameters as the class's real batch
+        loss = objective(real features, synthetic features).sum()
+        optimizer step when the schedule says so
+
+Every random draw comes from a generator derived from ``(seed, stream,
+iteration, class)``, so a run is reproducible, resumes bit-exactly from a
+checkpoint, and gives the same per-class result whatever subset of classes a
+process owns (class sharding under torchrun).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from distillkit import registry
+from distillkit.artifact import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
+from distillkit.augment import Augment, AugmentParams
+from distillkit.config import RunConfig
+from distillkit.data import RealData
+from distillkit.errors import NonFiniteLossError, UsageError
+from distillkit.interfaces import Objective, Parameterization, Sampler
+from distillkit.seeding import generator
+
+
+def build_components(cfg: RunConfig, real: RealData, device: torch.device
+                     ) -> tuple[Objective, Parameterization, Sampler, Augment]:
+    spec = real.spec
+    objective = registry.create("objectives", cfg.objective, **cfg.objective_options)
+    param = registry.create("parameterizations", cfg.parameterization, spec=spec, ipc=cfg.ipc, device=device,
+                            **cfg.parameterization_options)
+    sampler = registry.create("samplers", cfg.sampler, spec=spec, seed=cfg.seed, device=device, **cfg.sampler_options)
+    return objective, param, sampler, Augment(cfg.augment, cfg.augment_strategy)
+
+
+@dataclass
+class Condenser:
+    """State of one distillation: components, optimizer, iteration counter."""
+
+    cfg: RunConfig
+    real: RealData
+    device: torch.device
+    owned: Sequence[int] | None = None  # classes this process optimises (None: all)
+    iteration: int = 0
+    objective: Objective = field(init=False)
+    param: Parameterization = field(init=False)
+    sampler: Sampler = field(init=False)
+    augment: Augment = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.objective, self.param, self.sampler, self.augment = build_components(self.cfg, self.real, self.device)
+        num_classes = self.real.spec.num_classes
+        self.classes = list(range(num_classes)) if self.owned is None else sorted(self.owned)
+        smallest = min(self.real.count(c) for c in self.classes)
+        if self.cfg.ipc > smallest:
+            raise UsageError(f"--ipc {self.cfg.ipc} is larger than the smallest class ({smallest} images)")
+        self.batch_real = min(self.cfg.batch_real, smallest)
+        self.optimizer = torch.optim.SGD(self.param.parameters(), lr=self.cfg.lr_img, momentum=self.cfg.momentum)
+
+    # -- state -----------------------------------------------------------
+    def initialize(self) -> None:
+        self.param.init(self.real, generator(self.cfg.seed, "init"))
+
+    def state_dict(self) -> dict:
+        return {"parameterization": {k: v.detach().clone() for k, v in self.param.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.param.load_state_dict(state["parameterization"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+
+    # -- one iteration ---------------------------------------------------
+    def _augment_params(self, it: int, classes: Sequence[int]) -> AugmentParams:
+        h, w = self.real.spec.height, self.real.spec.width
+        drawn = [self.augment.draw(1, generator(self.cfg.seed, "augment", it, c), h, w) for c in classes]
+        return AugmentParams(**{k: torch.cat([getattr(p, k) for p in drawn]) for k in drawn[0].__dict__})
+
+    def _syn_subset(self, syn: Tensor, it: int, classes: Sequence[int]) -> Tensor:
+        cap = self.cfg.batch_syn
+        if cap is None or syn.shape[1] <= cap:
+            return syn
+        picks = torch.stack([torch.randperm(syn.shape[1], generator=generator(self.cfg.seed, "syn", it, c))[:cap]
+                             for c in classes]).to(syn.device)
+        return torch.stack([s[p] for s, p in zip(syn, picks)])
+
+    def step(self) -> Tensor:
+        """Run iteration ``self.iteration``; returns the summed loss over owned classes (a device scalar)."""
+        it, seed, classes = self.iteration, self.cfg.seed, self.classes
+        self.param.project()
+        extract = self.sampler.extractor(it)
+        n_r = self.batch_real
+        params = self._augment_params(it, classes)
+        group_of = {c: i for i, c in enumerate(classes)}
+        with torch.no_grad():
+            real = torch.cat([self.real.sample(c, n_r, generator(seed, "real", it, c)) for c in classes])
+            group = torch.arange(len(classes)).repeat_interleave(n_r)
+            real_features = extract(self.augment.apply(real, params, group)).view(len(classes), n_r, -1)
+
+        blocks = [classes] if self.cfg.step == "iteration" else [[c] for c in range(self.real.spec.num_classes)]
+        total = torch.zeros((), device=self.device)
+        for block in blocks:
+            owned = [c for c in block if c in group_of]
+            if self.cfg.step == "class":
+                self.optimizer.zero_grad(set_to_none=False)
+                self._ensure_grads()
+            if owned:  # a class step this process does not own still moves momentum (see module docs)
+                syn = self._syn_subset(self.param.decode(owned), it, owned)
+                k, n_s = syn.shape[:2]
+                index = torch.tensor([group_of[c] for c in owned])
+                syn = self.augment.apply(syn.flatten(0, 1), params, index.repeat_interleave(n_s))
+                syn_features = extract(syn).view(k, n_s, -1)
+                loss = self.objective(real_features[index.to(real_features.device)], syn_features).sum()
+                if self.cfg.step == "iteration":
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                total = total + loss.detach()
+            self.optimizer.step()
+        self.iteration += 1
+        return total
+
+    def _ensure_grads(self) -> None:
+        for p in self.param.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+
+# -- the run directory ----------------------------------------------------
+
+
+class Interrupted(Exception):
+    """SIGINT arrived; a checkpoint was written at ``iteration``."""
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__(iteration)
+        self.iteration = iteration
+
+
+def save_checkpoint(condenser: Condenser, path: Path, log_position: int) -> None:
+    atomic_save({"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "config": condenser.cfg.as_dict(),
+                 "log_position": log_position, **condenser.state_dict()}, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return safe_load(path, CHECKPOINT_FORMAT)
+
+
+def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | None,
+             on_progress: Callable[[int, float | None], None] = lambda it, loss: None) -> None:
+    """Iterate to ``cfg.iterations``, logging losses and checkpointing at intervals.
+
+    The host reads the loss back only at log and checkpoint intervals (no
+    per-iteration device sync). A non-finite loss stops the run before the next
+    checkpoint is written, so the last good checkpoint survives. SIGINT finishes
+    the current iteration, writes a checkpoint and raises :class:`Interrupted`.
+    """
+    cfg = condenser.cfg
+    pending: list[tuple[int, Tensor]] = []
+    stop = {"requested": False}
+
+    def request_stop(signum, frame):  # noqa: ARG001
+        stop["requested"] = True
+
+    previous = signal.signal(signal.SIGINT, request_stop) if _main_thread() else None
+    log = open(loss_log, "a", encoding="utf-8") if loss_log else None
+    try:
+        while condenser.iteration < cfg.iterations:
+            it = condenser.iteration
+            pending.append((it, condenser.step()))
+            done = condenser.iteration
+            at_checkpoint = checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations)
+            if done % cfg.log_every == 0 or at_checkpoint or stop["requested"] or done == cfg.iterations:
+                last = _flush(pending, log, condenser.real.spec.num_classes)
+                pending.clear()
+                on_progress(done, last)
+            else:
+                on_progress(done, None)
+            if checkpoint is not None and (at_checkpoint or stop["requested"]):
+                save_checkpoint(condenser, checkpoint, log.tell() if log else 0)
+            if stop["requested"]:
+                raise Interrupted(done)
+    finally:
+        if log:
+            log.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int) -> float | None:
+    if not pending:
+        return None
+    values = torch.stack([loss for _, loss in pending]).tolist()  # one host sync per interval
+    for (it, _), value in zip(pending, values):
+        if not math.isfinite(value):
+            raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
+                                     f"checkpoint was kept (lower --lr-img or check the data)")
+        if log:
+            log.write(json.dumps({"iteration": it, "loss": value / num_classes}) + "\n")
+    if log:
+        log.flush()
+    return values[-1] / num_classes
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N") from None
+
+
+def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: Path, resume: bool,
+            on_progress: Callable[[int, float | None], None] = lambda it, loss: None) -> Path:
+    """Run (or resume) a distillation into ``run_dir``; returns the artifact path."""
+    from distillkit.artifact import (CHECKPOINT_FILE, CONFIG_FILE, LOSS_LOG, SYNTHETIC_FILE, atomic_write_json,
+                                     save_synthetic)
+    from distillkit.data import load_split
+
+    dataset = registry.create("datasets", cfg.dataset, **cfg.dataset_options)
+    real = load_split(dataset, data_root, train=True, device=device)
+    condenser = Condenser(cfg, real, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint, loss_log = run_dir / CHECKPOINT_FILE, run_dir / LOSS_LOG
+    if resume:
+        state = load_checkpoint(checkpoint)
+        condenser.load_state_dict(state)
+        with open(loss_log, "a+b") as fh:  # drop log lines written after the checkpoint
+            fh.truncate(int(state["log_position"]))
+    else:
+        condenser.initialize()
+        atomic_write_json(cfg.as_dict(), run_dir / CONFIG_FILE)
+        loss_log.unlink(missing_ok=True)
+        save_checkpoint(condenser, checkpoint, 0)
+    on_progress(condenser.iteration, None)
+    run_loop(condenser, checkpoint=checkpoint, loss_log=loss_log, on_progress=on_progress)
+
+    param, spec = condenser.param, real.spec
+    with torch.no_grad():
+        decoded = param.decode(range(spec.num_classes))
+    labels = torch.arange(spec.num_classes).repeat_interleave(decoded.shape[1])
+    stored = param.stored()
+    path = run_dir / SYNTHETIC_FILE
+    save_synthetic(path, images=decoded.flatten(0, 1), labels=labels, stored=stored,
+                   stored_labels=torch.arange(spec.num_classes).repeat_interleave(stored.shape[0] // spec.num_classes),
+                   spec=spec, class_names=real.class_names, parameterization=cfg.parameterization,
+                   parameterization_state=param.state_dict(), config=cfg.as_dict(), dataset=dataset.name,
+                   method=cfg.method, iterations_done=condenser.iteration)
+    return path

@@ -1,0 +1,114 @@
+"""Run configuration: a method's defaults, overridden by the CLI, recorded whole in the run directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+from distillkit.errors import UsageError
+from distillkit.interfaces import Method
+
+COMPONENTS = ("objective", "parameterization", "sampler", "dataset")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a distillation run (with the seed, the whole result)."""
+
+    method: str
+    dataset: str
+    ipc: int
+    objective: str
+    parameterization: str
+    sampler: str
+    augment: str
+    augment_strategy: str
+    lr_img: float
+    momentum: float
+    iterations: int
+    batch_real: int
+    batch_syn: int | None
+    step: str
+    seed: int = 0
+    dataset_options: Mapping[str, Any] = field(default_factory=dict)
+    objective_options: Mapping[str, Any] = field(default_factory=dict)
+    parameterization_options: Mapping[str, Any] = field(default_factory=dict)
+    sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def as_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"config has unknown keys {unknown}")
+        return cls(**data)
+
+    def differences(self, other: "RunConfig", ignore: tuple[str, ...] = ()) -> list[str]:
+        a, b = self.as_dict(), other.as_dict()
+        return [f"{k}: recorded {a[k]!r}, given {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
+
+
+def lr_for_ipc(lr: float | Mapping[int, float], ipc: int) -> float:
+    """A method's image learning rate at ``ipc``: a number, or the entry with the largest key <= ipc."""
+    if not isinstance(lr, Mapping):
+        return float(lr)
+    keys = sorted(int(k) for k in lr)
+    chosen = max((k for k in keys if k <= ipc), default=keys[0])
+    return float(lr[chosen])
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON where it parses (numbers, lists, true/null), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
+    """``["objective.kernel=linear", "sampler.period=10"]`` -> ``{"objective": {"kernel": "linear"}, ...}``."""
+    out: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
+    for item in items:
+        key, eq, value = item.partition("=")
+        component, dot, option = key.partition(".")
+        if not eq or not dot or not option:
+            raise UsageError(f"--set {item!r}: expected COMPONENT.OPTION=VALUE, e.g. objective.kernel=linear")
+        if component not in out:
+            raise UsageError(f"--set {item!r}: unknown component {component!r}; choose one of: {', '.join(COMPONENTS)}")
+        out[component][option] = parse_value(value)
+    return out
+
+
+def resolve(method: Method, dataset: str, ipc: int, overrides: Mapping[str, Any],
+            options: Mapping[str, Mapping[str, Any]] | None = None) -> RunConfig:
+    """Method defaults <- CLI overrides (``None`` means "not given") <- ``--set`` component options."""
+    if ipc <= 0:
+        raise UsageError(f"--ipc must be a positive number of images per class, got {ipc}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    options = options or {}
+    values: dict[str, Any] = {
+        "method": method.name, "dataset": dataset, "ipc": ipc,
+        "augment": method.augment, "augment_strategy": method.augment_strategy,
+        "lr_img": lr_for_ipc(method.lr_img, ipc), "momentum": method.momentum, "iterations": method.iterations,
+        "batch_real": method.batch_real, "batch_syn": method.batch_syn, "step": method.step,
+    }
+    for component in ("objective", "parameterization", "sampler"):
+        name = given.pop(component, None) or getattr(method, component)
+        defaults = getattr(method, f"{component}_options") if name == getattr(method, component) else {}
+        values[component] = name
+        values[f"{component}_options"] = {**defaults, **options.get(component, {})}
+    values["dataset_options"] = dict(options.get("dataset", {}))
+    values.update(given)
+    cfg = RunConfig(**values)
+    for name in ("iterations", "batch_real", "checkpoint_every", "log_every"):
+        if getattr(cfg, name) < (0 if name == "iterations" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.step not in ("iteration", "class"):
+        raise UsageError(f"unknown step schedule {cfg.step!r}; choose one of: iteration, class")
+    return cfg

@@ -1,0 +1,200 @@
+"""Real datasets: where their files live, how they load, per-class access.
+
+The data root is ``--data-root``, else ``$DISTILLKIT_DATA``, else
+``$XDG_CACHE_HOME/distillkit/data`` (``~/.cache/distillkit/data``). Files use
+torchvision's on-disk layout; torchvision's download runs only when files are
+missing, and if that fails too the error names the files and the folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from distillkit.errors import UsageError
+from distillkit.interfaces import DatasetSpec, ImageSpec, TrainingSet
+
+DIGITS = tuple(str(i) for i in range(10))
+FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
+    if data_root:
+        return Path(data_root).expanduser()
+    if os.environ.get("DISTILLKIT_DATA"):
+        return Path(os.environ["DISTILLKIT_DATA"]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "distillkit" / "data"
+
+
+def _torchvision_split(cls_name: str, folder: str, files: tuple[str, ...], **split_kwargs: object):
+    """A loader for a torchvision dataset class: local files first, then download, then a clear error."""
+
+    def load(root: Path, train: bool) -> tuple[Tensor, Tensor]:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        kwargs = dict(split_kwargs.get("train" if train else "test", {"train": train}))  # type: ignore[arg-type]
+        try:
+            ds = cls(str(root), download=False, **kwargs)
+        except (RuntimeError, FileNotFoundError, OSError):
+            try:
+                ds = cls(str(root), download=True, **kwargs)
+            except Exception as exc:
+                raise UsageError(
+                    f"{cls_name} files are missing under {root / folder} and could not be downloaded "
+                    f"({type(exc).__name__}); put {', '.join(files)} there, or point --data-root / "
+                    f"$DISTILLKIT_DATA at a folder that has {folder}/"
+                ) from None
+        images = torch.as_tensor(ds.data)
+        labels = torch.as_tensor(ds.targets if hasattr(ds, "targets") else ds.labels)
+        if images.ndim == 3:  # (N, H, W) grey
+            images = images.unsqueeze(1)
+        elif images.shape[-1] in (1, 3):  # (N, H, W, C)
+            images = images.permute(0, 3, 1, 2)
+        return images.contiguous(), labels.long()
+
+    return load
+
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+)
+
+
+def builtin_datasets() -> dict[str, Callable[..., DatasetSpec]]:
+    """The datasets the host registers (see :mod:`distillkit.builtins`)."""
+    svhn_splits = {"train": {"split": "train"}, "test": {"split": "test"}}
+    fixed = {
+        "mnist": DatasetSpec(
+            "mnist", 1, 28, 28, DIGITS, (0.1307,), (0.3081,),
+            _torchvision_split("MNIST", "MNIST/raw", _MNIST_FILES), "MNIST digits, 60k/10k, 1x28x28",
+        ),
+        "fashionmnist": DatasetSpec(
+            "fashionmnist", 1, 28, 28, FASHION, (0.2861,), (0.3530,),
+            _torchvision_split("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES), "Fashion-MNIST, 60k/10k, 1x28x28",
+        ),
+        "cifar10": DatasetSpec(
+            "cifar10", 3, 32, 32, CIFAR10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+            _torchvision_split("CIFAR10", "cifar-10-batches-py", ("cifar-10-python.tar.gz",)), "CIFAR-10, 50k/10k, 3x32x32",
+        ),
+        "cifar100": DatasetSpec(
+            "cifar100", 3, 32, 32, tuple(f"class{i}" for i in range(100)), (0.5071, 0.4866, 0.4409),
+            (0.2673, 0.2564, 0.2762),
+            _torchvision_split("CIFAR100", "cifar-100-python", ("cifar-100-python.tar.gz",)), "CIFAR-100, 50k/10k, 3x32x32",
+        ),
+        "svhn": DatasetSpec(
+            "svhn", 3, 32, 32, DIGITS, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+            _torchvision_split("SVHN", ".", ("train_32x32.mat", "test_32x32.mat"), **svhn_splits),
+            "SVHN digits, 73k/26k, 3x32x32 (needs scipy)",
+        ),
+    }
+    factories: dict[str, Callable[..., DatasetSpec]] = {name: _fixed(spec) for name, spec in fixed.items()}
+    factories["imagefolder"] = image_folder
+    factories["fake"] = fake
+    return factories
+
+
+def _fixed(spec: DatasetSpec) -> Callable[[], DatasetSpec]:
+    def factory() -> DatasetSpec:
+        return spec
+
+    factory.__doc__ = spec.description
+    return factory
+
+
+def image_folder(path: str, size: int = 32, channels: int = 3) -> DatasetSpec:
+    """Images in ``PATH/train/<class>/*`` and ``PATH/test/<class>/*`` (torchvision ImageFolder), resized to ``size``."""
+    root = Path(path).expanduser()
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise UsageError(f"imagefolder: {root / split} is missing; expected {root}/{{train,test}}/<class>/<images>")
+    classes = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir()))
+
+    def load(_root: Path, train: bool) -> tuple[Tensor, Tensor]:
+        import torchvision.datasets as tvd
+        import torchvision.transforms.v2 as T
+
+        mode = "L" if channels == 1 else "RGB"
+        tf = T.Compose([T.Resize((size, size)), T.PILToTensor()])
+        ds = tvd.ImageFolder(str(root / ("train" if train else "test")), transform=tf,
+                             loader=lambda p: tvd.folder.default_loader(p).convert(mode))
+        if tuple(ds.classes) != classes:
+            raise UsageError(f"imagefolder: train and test class folders differ under {root}")
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        return images, torch.as_tensor(ds.targets)
+
+    # Normalisation from the training split, computed once here.
+    probe, _ = load(root, True)
+    x = probe.float() / 255
+    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
+    std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
+    return DatasetSpec(f"imagefolder:{root}", channels, size, size, classes, mean, std, load, f"ImageFolder at {root}")
+
+
+def fake(classes: int = 10, channels: int = 3, size: int = 32, per_class: int = 300, test_per_class: int = 100,
+         seed: int = 0) -> DatasetSpec:
+    """Generated images (class-specific smooth pattern + noise): a stand-in for 3-channel data with no files."""
+
+    def load(_root: Path, train: bool) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        protos = torch.nn.functional.interpolate(torch.rand(classes, channels, 4, 4, generator=g), size=(size, size),
+                                                 mode="bilinear", align_corners=False)
+        g.manual_seed(seed + (1 if train else 2))
+        n = per_class if train else test_per_class
+        labels = torch.arange(classes).repeat_interleave(n)
+        noise = torch.rand(len(labels), channels, size, size, generator=g)
+        images = (0.6 * protos[labels] + 0.4 * noise).mul(255).round().to(torch.uint8)
+        return images, labels
+
+    return DatasetSpec(f"fake", channels, size, size, tuple(f"class{i}" for i in range(classes)),
+                       (0.5,) * channels, (0.25,) * channels, load, "generated patterns, no files needed")
+
+
+@dataclass
+class RealData:
+    """A split as one normalised tensor on the device, indexed by class."""
+
+    spec: ImageSpec
+    images: Tensor
+    labels: Tensor
+    class_names: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        order = torch.argsort(self.labels.cpu(), stable=True)
+        counts = torch.bincount(self.labels.cpu(), minlength=self.spec.num_classes)
+        self._by_class = list(torch.split(order, counts.tolist()))
+
+    def count(self, label: int) -> int:
+        return len(self._by_class[label])
+
+    def class_images(self, label: int) -> Tensor:
+        return self.images[self._by_class[label].to(self.images.device)]
+
+    def sample_indices(self, label: int, n: int, generator: torch.Generator) -> Tensor:
+        members = self._by_class[label]
+        if n > len(members):
+            raise UsageError(f"class {label} ({self.class_names[label]!r}) has {len(members)} images, {n} requested")
+        return members[torch.randperm(len(members), generator=generator)[:n]]
+
+    def sample(self, label: int, n: int, generator: torch.Generator) -> Tensor:
+        return self.images[self.sample_indices(label, n, generator).to(self.images.device)]
+
+    def as_training_set(self) -> TrainingSet:
+        return TrainingSet(self.images, self.labels.to(self.images.device))
+
+
+def load_split(spec: DatasetSpec, root: Path, train: bool, device: torch.device | str = "cpu") -> RealData:
+    raw, labels = spec.load(root, train)
+    if raw.shape[1:] != (spec.channels, spec.height, spec.width):
+        raise UsageError(f"dataset {spec.name}: images have shape {tuple(raw.shape[1:])}, "
+                         f"expected {(spec.channels, spec.height, spec.width)}")
+    image_spec = spec.image_spec
+    images = image_spec.normalize(raw.to(device=device).float().div_(255))
+    return RealData(image_spec, images, labels.to(device), spec.class_names)

@@ -1,0 +1,13 @@
+"""Errors that mean "the user asked for something wrong".
+
+The CLI prints them as one line on stderr and exits with status 2 (no
+traceback unless ``--debug``). Everything else is a bug and keeps its traceback.
+"""
+
+
+class UsageError(Exception):
+    """Bad input: an unknown name, an impossible size, a missing or corrupt file."""
+
+
+class NonFiniteLossError(UsageError):
+    """The loss became NaN or inf; the last good checkpoint was kept."""

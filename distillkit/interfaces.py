@@ -1,0 +1,196 @@
+"""The interfaces every component implements, in one place.
+
+A plugin registers factories (see :mod:`distillkit.hookspecs`); the core calls
+them with the arguments documented here and uses only these methods.
+
+Shapes: ``K`` classes in a block, ``n_r`` real and ``n_s`` synthetic samples
+per class, ``d`` feature dimension, images ``(c, H, W)``. Images handed between
+components are always *normalised* (dataset mean/std); a parameterization that
+stores another space converts in :meth:`Parameterization.decode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol as _Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a synthetic set looks like: channels, size, classes and normalisation."""
+
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def normalize(self, x01: Tensor) -> Tensor:
+        """[0, 1] pixels -> normalised."""
+        return (x01 - self._stat(self.mean, x01)) / self._stat(self.std, x01)
+
+    def denormalize(self, x: Tensor) -> Tensor:
+        """Normalised -> [0, 1] pixels (not clamped)."""
+        return x * self._stat(self.std, x) + self._stat(self.mean, x)
+
+    @staticmethod
+    def _stat(values: tuple[float, ...], like: Tensor) -> Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A real dataset. ``load(root, train)`` returns ``(uint8 images (N, c, H, W), int64 labels (N,))``
+    and raises :class:`~distillkit.errors.UsageError` naming the missing files."""
+
+    name: str
+    channels: int
+    height: int
+    width: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    load: Callable[[Path, bool], tuple[Tensor, Tensor]]
+    description: str = ""
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(self.channels, self.height, self.width, len(self.class_names), self.mean, self.std)
+
+
+class RealImages(_Protocol):
+    """Real training images, normalised, on the run's device (see :class:`distillkit.data.RealData`)."""
+
+    spec: ImageSpec
+
+    def class_images(self, label: int) -> Tensor:
+        """All images of class ``label`` in dataset order, ``(n_c, c, H, W)``."""
+
+    def sample(self, label: int, n: int, generator: torch.Generator) -> Tensor:
+        """``n`` distinct random images of class ``label`` drawn with ``generator``."""
+
+
+@runtime_checkable
+class Objective(_Protocol):
+    """Loss between real and synthetic features, batched over a block of classes.
+
+    Factory: ``factory(**options) -> Objective``.
+    ``real`` has shape ``(K, n_r, d)`` and carries no gradient; ``syn`` has shape
+    ``(K, n_s, d)``. Returns the per-class losses, shape ``(K,)``; the loop sums them.
+    """
+
+    def __call__(self, real: Tensor, syn: Tensor) -> Tensor: ...
+
+
+@runtime_checkable
+class Parameterization(_Protocol):
+    """Owns the learnable tensors of a synthetic set (the shape of IDC's Synthesizer).
+
+    Factory: ``factory(spec: ImageSpec, ipc: int, device: torch.device, **options)``.
+    ``ipc`` counts *stored* images per class; :attr:`images_per_class` counts decoded ones.
+    """
+
+    images_per_class: int
+
+    def init(self, real: RealImages, generator: torch.Generator) -> None:
+        """Initialise from real images of each class."""
+
+    def parameters(self) -> list[Tensor]:
+        """The tensors the optimizer updates (leaf tensors with ``requires_grad``)."""
+
+    def decode(self, classes: Sequence[int]) -> Tensor:
+        """Differentiable decoded training images of ``classes``: ``(K, images_per_class, c, H, W)``, normalised."""
+
+    def stored(self) -> Tensor:
+        """The stored images as pictures, ``(num_classes * ipc, c, H, W)``, normalised (for display)."""
+
+    def project(self) -> None:
+        """Bring the parameters back into their valid space (e.g. clamp); called before every iteration."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Raw state (tensors only), enough to rebuild with :meth:`load_state_dict`."""
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None: ...
+
+
+@runtime_checkable
+class Sampler(_Protocol):
+    """Provides the feature extractor of each iteration.
+
+    Factory: ``factory(spec: ImageSpec, seed: int, device: torch.device, **options)``.
+    The extractor maps normalised images ``(N, c, H, W)`` to features ``(N, d)``. It must
+    be a pure function of ``(seed, iteration)`` so runs resume and shard exactly;
+    :func:`distillkit.zoo.random_embedder` builds such networks.
+    """
+
+    def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]: ...
+
+    def redraws_at(self, iteration: int) -> bool:
+        """True when ``iteration`` gets a new extractor (for logs and tests)."""
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """Labelled images on a device, normalised."""
+
+    images: Tensor
+    labels: Tensor
+
+
+@runtime_checkable
+class Protocol(_Protocol):
+    """Trains evaluator models on a synthetic set and tests them on real data.
+
+    Registered as an instance (or a factory taking ``**overrides``).
+    """
+
+    name: str
+
+    def settings(self) -> dict[str, Any]:
+        """Every number that defines the protocol; stored with each result."""
+
+    def evaluate(
+        self, model: str, train: TrainingSet, test: TrainingSet, spec: ImageSpec, runs: int, seed: int,
+        device: torch.device,
+    ) -> list[float]:
+        """Test accuracy (0-100) of ``runs`` freshly trained ``model`` networks, run ``r`` seeded from ``(seed, r)``."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named combination of components with default hyperparameters.
+
+    Every field can be overridden from the CLI. Component options apply only to
+    the component the method names; choosing another component starts from that
+    component's own defaults.
+    """
+
+    name: str
+    objective: str
+    parameterization: str
+    sampler: str
+    description: str = ""
+    objective_options: Mapping[str, Any] = field(default_factory=dict)
+    parameterization_options: Mapping[str, Any] = field(default_factory=dict)
+    sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    #: differentiable augmentation: "dsa" (one op per call), "idc" (flip+color, one geometric op, cutout) or "none"
+    augment: str = "dsa"
+    augment_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    #: learning rate of the synthetic images; a mapping {ipc: lr} picks the entry of the largest key <= ipc
+    lr_img: float | Mapping[int, float] = 1.0
+    momentum: float = 0.5
+    iterations: int = 20000
+    batch_real: int = 256
+    #: cap on decoded synthetic images per class fed to the extractor (None: all)
+    batch_syn: int | None = None
+    #: "iteration": one optimizer step over all classes per iteration (DM);
+    #: "class": one step per class, in class order (M3D)
+    step: str = "iteration"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,102 @@
+"""The ConvNet family of the dataset-distillation literature, registered in timm.
+
+``depth`` blocks of conv3x3 (``width`` channels) -> norm -> ReLU -> pool 2x2,
+then a linear classifier on the flattened map. 28-pixel inputs get a first-conv
+padding of 3 so the maps are 32x32, as in the reference code; the embedding is
+then ``width * (32 / 2**depth)**2`` for both 28 and 32 pixels.
+"""
+
+from __future__ import annotations
+
+
+from timm.models import register_model
+from torch import Tensor, nn
+
+NORMS = ("instance", "batch", "layer", "none")
+POOLS = ("avg", "max", "none")
+
+
+def _norm(kind: str, channels: int, size: int) -> nn.Module:
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels, affine=True)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.LayerNorm([channels, size, size])
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; choose one of: {', '.join(NORMS)}")
+
+
+class ConvNet(nn.Module):
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
+                 depth: int = 3, width: int = 128, norm: str = "instance", pooling: str = "avg") -> None:
+        super().__init__()
+        if pooling not in POOLS:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLS)}")
+        size = img_size if isinstance(img_size, int) else img_size[0]
+        pad_first = 3 if size == 28 else 1
+        size = size + 2 * (pad_first - 1)
+        layers: list[nn.Module] = []
+        channels = in_chans
+        for i in range(depth):
+            layers += [nn.Conv2d(channels, width, 3, padding=pad_first if i == 0 else 1), _norm(norm, width, size),
+                       nn.ReLU(inplace=True)]
+            if pooling != "none":
+                layers.append(nn.AvgPool2d(2) if pooling == "avg" else nn.MaxPool2d(2))
+                size //= 2
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.num_features = width * size * size
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.flatten(1)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+_TIMM_ONLY = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _build(pretrained: bool = False, **kwargs) -> ConvNet:
+    if pretrained:
+        raise ValueError("ConvNet has no pretrained weights")
+    for key in _TIMM_ONLY:
+        kwargs.pop(key, None)
+    return ConvNet(**kwargs)
+
+
+def _variant(name: str, doc: str, **defaults):
+    def factory(pretrained: bool = False, **kwargs) -> ConvNet:
+        return _build(pretrained, **{**defaults, **kwargs})
+
+    factory.__name__ = name
+    factory.__qualname__ = name
+    factory.__doc__ = doc
+    factory.__module__ = __name__
+    return register_model(factory)
+
+
+VARIANTS = {
+    f"convnet{d}": _variant(f"convnet{d}", f"ConvNet, depth {d}, width 128, instance norm, avg pool", depth=d)
+    for d in (1, 2, 3, 4, 5)
+}
+VARIANTS.update({
+    f"convnet3_{suffix}": _variant(f"convnet3_{suffix}", f"ConvNet-3 with {doc}", **kw)
+    for suffix, doc, kw in [
+        ("bn", "batch norm", {"norm": "batch"}),
+        ("ln", "layer norm", {"norm": "layer"}),
+        ("nonorm", "no normalisation", {"norm": "none"}),
+        ("maxpool", "max pooling", {"pooling": "max"}),
+        ("w32", "width 32", {"width": 32}),
+        ("w64", "width 64", {"width": 64}),
+        ("w256", "width 256", {"width": 256}),
+    ]
+})

@@ -1,0 +1,1 @@
+"""M3D plugin (in progress)."""
