@@ -1,0 +1,51 @@
+"""Shared fixtures: the real MNIST files from ../shared/data, a CLI runner, one tiny distilled run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DISTILLKIT_DATA", str(ROOT.parent / "shared" / "data"))
+DATA = Path(os.environ["DISTILLKIT_DATA"])
+
+
+def pytest_sessionstart(session):
+    if not (DATA / "MNIST" / "raw").is_dir():
+        raise pytest.UsageError(f"tests need the real MNIST files under {DATA}/MNIST/raw; set DISTILLKIT_DATA")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch):
+    """Every test starts from the entry-point plugin set (a test may load extra plugins)."""
+    from distillkit import registry
+
+    monkeypatch.delenv("DISTILLKIT_PLUGINS_DIR", raising=False)
+    registry.load_plugins()
+    yield
+    registry.load_plugins()
+
+
+def run_cli(*args: str, expect: int | None = 0):
+    """Invoke the real click CLI in-process; asserts the exit code unless ``expect`` is None."""
+    from distillkit.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    if expect is not None:
+        assert result.exit_code == expect, f"exit {result.exit_code}, expected {expect}:\n{result.output}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_dm_run(tmp_path_factory) -> Path:
+    """A real 4-iteration DM distillation of MNIST at IPC 1 (shared, read-only for tests)."""
+    from distillkit import registry
+
+    registry.load_plugins()
+    run_dir = tmp_path_factory.mktemp("runs") / "dm"
+    run_cli("distill", "--method", "dm", "--dataset", "mnist", "--ipc", "1", "--iterations", "4",
+            "--batch-real", "16", "--seed", "0", "--device", "cpu", "--out", run_dir)
+    return run_dir
