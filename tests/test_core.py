@@ -1,0 +1,253 @@
+"""The host toolkit: plugin discovery, registries, interfaces, augmentation, the condense loop, artifacts, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillkit import registry
+from distillkit.augment import Augment
+from distillkit.config import parse_sets, resolve
+from distillkit.condense import Condenser
+from distillkit.data import load_split, resolve_root
+from distillkit.errors import UsageError
+from distillkit.interfaces import Objective, Parameterization, Sampler
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from distillkit.registry import create
+
+    registry.load_plugins()
+    return load_split(create("datasets", "mnist"), resolve_root(), train=True)
+
+
+# -- plugins and registries ---------------------------------------------------
+
+def test_builtin_methods_arrive_through_entry_points():
+    import importlib.metadata as md
+
+    names = {ep.name for ep in md.entry_points(group="distillkit")}
+    assert {"dm", "m3d"} <= names
+    plugins = registry.plugins()
+    assert plugins["methods"].get("dm").plugin == "dm"
+    assert plugins["objectives"].get("mean").plugin == "dm"
+    assert plugins["datasets"].get("mnist").plugin == "distillkit"  # the host's own default plugin
+
+
+def test_plugin_defined_in_the_test_suite_registers_components(tmp_path):
+    (tmp_path / "halfmean.py").write_text(
+        "from distillkit import hookimpl\n"
+        "class Half:\n"
+        "    def __call__(self, real, syn):\n"
+        "        return 0.5 * (real.mean(1) - syn.mean(1)).pow(2).sum(-1)\n"
+        "@hookimpl\n"
+        "def register_objectives(register):\n"
+        "    register('half-mean', Half)\n")
+    plugins = registry.load_plugins(tmp_path)
+    objective = plugins["objectives"].create("half-mean")
+    assert isinstance(objective, Objective)
+    real, syn = torch.ones(2, 3, 4), torch.zeros(2, 5, 4)
+    assert torch.allclose(objective(real, syn), torch.full((2,), 2.0))
+    result = run_cli("--plugins-dir", tmp_path, "list", "objectives")
+    assert "half-mean" in result.output and "halfmean" in result.output
+
+
+def test_unknown_names_fail_with_the_valid_choices():
+    with pytest.raises(UsageError, match=r"unknown objective 'nope'; choose one of: .*mean"):
+        registry.create("objectives", "nope")
+    result = run_cli("distill", "--method", "nope", expect=2)
+    assert result.output.strip().count("\n") == 0
+    assert "unknown method 'nope'" in result.output and "dm" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_duplicate_registration_names_both_plugins(tmp_path):
+    (tmp_path / "dup.py").write_text(
+        "from distillkit import hookimpl\n"
+        "@hookimpl\n"
+        "def register_objectives(register):\n"
+        "    register('mean', object)\n")
+    with pytest.raises(UsageError, match="registered twice: by 'dm' and by 'dup'"):
+        registry.load_plugins(tmp_path)
+
+
+# -- config ---------------------------------------------------------------------
+
+def test_component_options_follow_their_component():
+    dm = registry.create("methods", "dm")
+    custom = replace(dm, objective_options={"scale": 2})
+    cfg = resolve(custom, "mnist", 1, {}, parse_sets(["sampler.model=convnet3_w32"]))
+    assert cfg.objective_options == {"scale": 2} and cfg.sampler_options == {"model": "convnet3_w32"}
+    swapped = resolve(custom, "mnist", 1, {"objective": "other"})
+    assert swapped.objective == "other" and swapped.objective_options == {}
+    with pytest.raises(UsageError, match="--ipc must be a positive"):
+        resolve(dm, "mnist", 0, {})
+    with pytest.raises(UsageError, match="expected COMPONENT.OPTION=VALUE"):
+        parse_sets(["kernel=linear"])
+
+
+# -- interfaces: the DM components --------------------------------------------
+
+def test_dm_components_implement_the_interfaces(mnist):
+    spec = mnist.spec
+    param = registry.create("parameterizations", "pixel", spec=spec, ipc=2, device=torch.device("cpu"))
+    sampler = registry.create("samplers", "random-convnet", spec=spec, seed=0, device=torch.device("cpu"))
+    assert isinstance(param, Parameterization) and isinstance(sampler, Sampler)
+    param.init(mnist, torch.Generator().manual_seed(0))
+    decoded = param.decode([3, 7])
+    assert decoded.shape == (2, 2, 1, 28, 28)
+    # pixel init copies real images of the right class
+    real7 = mnist.class_images(7)
+    assert any(torch.equal(decoded[1, 0], img) for img in real7)
+    state = {k: v.clone() for k, v in param.state_dict().items()}
+    other = registry.create("parameterizations", "pixel", spec=spec, ipc=2, device=torch.device("cpu"))
+    other.load_state_dict(state)
+    assert torch.equal(other.stored(), param.stored())
+    # the sampler's networks are a pure function of (seed, iteration)
+    x = decoded[0]
+    assert torch.equal(sampler.extractor(5)(x), sampler.extractor(5)(x))
+    assert not torch.equal(sampler.extractor(5)(x), sampler.extractor(6)(x))
+    assert sampler.extractor(0)(x).shape == (2, 2048)
+
+
+def test_mean_objective_is_the_squared_mean_gap():
+    objective = registry.create("objectives", "mean")
+    real = torch.tensor([[[1.0, 0.0], [3.0, 0.0]]])
+    syn = torch.tensor([[[0.0, 1.0]]], requires_grad=True)
+    loss = objective(real, syn)
+    assert torch.allclose(loss, torch.tensor([4.0 + 1.0]))
+    loss.sum().backward()
+    assert syn.grad is not None and syn.grad.abs().sum() > 0
+
+
+# -- augmentation -----------------------------------------------------------------
+
+def test_siamese_augmentation_shares_parameters_within_a_group():
+    aug = Augment("dsa", "color_crop_cutout_flip_scale_rotate")
+    x = torch.randn(4, 3, 32, 32)
+    batch = torch.cat([x, x])  # "real" copy and "synthetic" copy of the same images
+    params = aug.draw(2, torch.Generator().manual_seed(1), 32, 32)
+    group = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    out = aug.apply(batch, params, group)
+    assert torch.equal(out[:4], out[4:])  # same group -> same op and parameters
+    # applying to the two halves separately (as the loop does for real and synthetic) gives the same result
+    assert torch.equal(aug.apply(x, params, group[:4]), out[:4])
+
+
+def test_dsa_ops_do_what_they_say():
+    x = torch.rand(1, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(60):
+        params = Augment("dsa", "crop_cutout_flip").draw(1, gen, 28, 28)
+        out = Augment("dsa", "crop_cutout_flip").apply(x, params, torch.zeros(1, dtype=torch.long))
+        if params.flip.any():
+            assert torch.equal(out, x.flip(-1)); seen.add("flip")
+        elif params.cutout.any():
+            zeroed = (out == 0) & (x != 0)
+            assert 0 < zeroed.sum() <= 14 * 14; seen.add("cutout")
+        elif params.geometric.any():
+            dy, dx = (params.theta[0, 1, 2] * 14).round().long(), (params.theta[0, 0, 2] * 14).round().long()
+            shifted = torch.roll(x, shifts=(-int(dy), -int(dx)), dims=(-2, -1))
+            inner = out[..., 4:-4, 4:-4]
+            assert torch.allclose(inner, shifted[..., 4:-4, 4:-4], atol=1e-5); seen.add("crop")
+        else:
+            assert torch.equal(out, x)  # a crop that drew no shift
+    assert seen == {"flip", "cutout", "crop"}
+
+
+def test_idc_mode_always_applies_flip_colour_and_cutout_and_one_geometric_op():
+    params = Augment("idc", "color_crop_cutout_flip_scale_rotate").draw(200, torch.Generator().manual_seed(0), 32, 32)
+    assert params.color.all() and params.cutout.all() and params.geometric.all()
+    assert 0.3 < params.flip.float().mean() < 0.7
+    assert not Augment("idc", "color_crop").draw(50, torch.Generator().manual_seed(0), 32, 32).cutout.any()
+    with pytest.raises(UsageError, match="unknown augmentation op 'blur'"):
+        Augment("dsa", "color_blur")
+
+
+# -- the condense loop ------------------------------------------------------------
+
+def _tiny_cfg(step: str = "iteration", **kw):
+    dm = registry.create("methods", "dm")
+    return resolve(dm, "mnist", 2, {"iterations": 3, "batch_real": 8, "step": step, **kw},
+                   parse_sets(["sampler.model=convnet3_w32"]))
+
+
+@pytest.mark.parametrize("step", ["iteration", "class"])
+def test_condense_loop_moves_only_through_gradients_and_is_class_separable(mnist, step):
+    cfg = _tiny_cfg(step)
+    full = Condenser(cfg, mnist, torch.device("cpu"))
+    full.initialize()
+    start = full.param.stored().clone()
+    losses = [full.step() for _ in range(3)]
+    assert all(math.isfinite(float(l)) and float(l) > 0 for l in losses)
+    assert not torch.equal(full.param.stored(), start)
+    # a process owning only some classes produces exactly those classes' images (class sharding)
+    half = Condenser(cfg, mnist, torch.device("cpu"), owned=[1, 4, 8])
+    half.initialize()
+    for _ in range(3):
+        half.step()
+    per_class = lambda p: p.param.stored().view(10, 2, 1, 28, 28)  # noqa: E731
+    assert torch.equal(per_class(half)[[1, 4, 8]], per_class(full)[[1, 4, 8]])
+
+
+def test_condense_state_round_trip_continues_identically(mnist):
+    cfg = _tiny_cfg()
+    a = Condenser(cfg, mnist, torch.device("cpu"))
+    a.initialize()
+    a.step()
+    state = a.state_dict()
+    b = Condenser(cfg, mnist, torch.device("cpu"))
+    b.load_state_dict(state)
+    a.step(); b.step()
+    assert b.iteration == a.iteration == 2
+    assert torch.equal(a.param.stored(), b.param.stored())
+
+
+# -- artifact and CLI ---------------------------------------------------------------
+
+def test_artifact_is_self_describing_and_loads_weights_only(tiny_dm_run: Path):
+    raw = torch.load(tiny_dm_run / "synthetic.pt", weights_only=True)
+    assert raw["format"] == "distillkit.synthetic-set"
+    assert raw["images"].shape == (10, 1, 28, 28) and raw["labels"].tolist() == list(range(10))
+    assert raw["class_names"] == [str(i) for i in range(10)]
+    assert raw["dataset"] == "mnist" and raw["method"] == "dm" and raw["ipc"] == 1 and raw["seed"] == 0
+    assert raw["parameterization"] == "pixel" and torch.equal(raw["parameterization_state"]["images"], raw["images"])
+    assert raw["config"]["iterations"] == 4 and raw["versions"]["torch"]
+    assert raw["mean"] == [0.1307] and raw["channels"] == 1
+    config = json.loads((tiny_dm_run / "config.json").read_text())
+    assert config == raw["config"]
+    log = [json.loads(line) for line in (tiny_dm_run / "losses.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in log] == [0, 1, 2, 3] and all(row["loss"] > 0 for row in log)
+
+
+def test_cli_plugins_list_show_and_evaluate(tiny_dm_run: Path, tmp_path: Path):
+    assert "random-convnet" in run_cli("plugins").output
+    for kind in registry.KINDS:
+        assert run_cli("list", kind).exit_code == 0
+    assert "convnet3_bn" in run_cli("list", "models", "--filter", "convnet3*").output
+    grid = tmp_path / "grid.png"
+    run_cli("show", tiny_dm_run, "-o", grid)
+    assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    run_dir = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(tiny_dm_run, run_dir)
+    result = run_cli("evaluate", run_dir, "--protocol", "smoke", "--epochs", "2", "--runs", "2", "--test-limit",
+                     "200", "--device", "cpu")
+    assert "convnet3" in result.output
+    report = json.loads((run_dir / "eval.json").read_text())
+    kinds = {(r["model"], r["kind"]) for r in report["results"]}
+    assert kinds == {("convnet3", "synthetic"), ("convnet3", "random-baseline")}
+    row = report["results"][0]
+    assert len(row["accuracies"]) == 2 and row["protocol"] == "smoke" and row["protocol_settings"]["epochs"] == 2
+    assert row["seed"] == 0 and all(0 <= a <= 100 for a in row["accuracies"])
+    assert (run_dir / "eval.csv").read_text().startswith("model,kind,protocol")
