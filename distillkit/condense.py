@@ -19,6 +19,7 @@ process owns (class sharding under torchrun).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import signal
@@ -78,8 +79,9 @@ class Condenser:
         self.param.init(self.real, generator(self.cfg.seed, "init"))
 
     def state_dict(self) -> dict:
+        # a snapshot: the optimizer's own state_dict shares its live momentum buffers
         return {"parameterization": {k: v.detach().clone() for k, v in self.param.state_dict().items()},
-                "optimizer": self.optimizer.state_dict(), "iteration": self.iteration}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "iteration": self.iteration}
 
     def load_state_dict(self, state: dict) -> None:
         self.param.load_state_dict(state["parameterization"])
