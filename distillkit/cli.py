@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -14,8 +15,15 @@ from rich.table import Table
 from distillkit import __version__, registry
 from distillkit.errors import UsageError
 
-console = Console(stderr=True)
-out = Console()
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 talks."""
+    return int(os.environ.get("RANK", "0"))
+
+
+console = Console(stderr=True, quiet=_rank() > 0)
+out = Console(quiet=_rank() > 0)
 
 
 class _Main(click.Group):
@@ -99,7 +107,7 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
                       {**overrides, "seed": seed}, parse_sets(sets))
         registry.create("datasets", cfg.dataset, **cfg.dataset_options)  # unknown dataset: fail before any I/O
         run_dir = out_dir or Path("runs") / f"{cfg.method}-{cfg.dataset}-ipc{cfg.ipc}"
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if _rank() == 0 and run_dir.exists() and any(run_dir.iterdir()):  # under torchrun, rank 0 decides
             if not overwrite:
                 raise UsageError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
                                  f"or --overwrite to replace it")
@@ -159,7 +167,7 @@ def _resumed_config(run_dir: Path, method, dataset, ipc, out_dir, sets, seed, ov
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=console,
-                    transient=False)
+                    transient=False, disable=_rank() > 0)
 
 
 # -- evaluate --------------------------------------------------------------

@@ -35,6 +35,7 @@ from distillkit.artifact import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, 
 from distillkit.augment import Augment, AugmentParams
 from distillkit.config import RunConfig
 from distillkit.data import RealData
+from distillkit.distributed import World, any_across, merge_state, sum_across
 from distillkit.errors import NonFiniteLossError, UsageError
 from distillkit.interfaces import Objective, Parameterization, Sampler
 from distillkit.seeding import generator
@@ -58,6 +59,7 @@ class Condenser:
     real: RealData
     device: torch.device
     owned: Sequence[int] | None = None  # classes this process optimises (None: all)
+    world: World = field(default_factory=World)
     iteration: int = 0
     objective: Objective = field(init=False)
     param: Parameterization = field(init=False)
@@ -68,20 +70,28 @@ class Condenser:
         self.objective, self.param, self.sampler, self.augment = build_components(self.cfg, self.real, self.device)
         num_classes = self.real.spec.num_classes
         self.classes = list(range(num_classes)) if self.owned is None else sorted(self.owned)
-        smallest = min(self.real.count(c) for c in self.classes)
+        smallest = min(self.real.split_counts)
         if self.cfg.ipc > smallest:
             raise UsageError(f"--ipc {self.cfg.ipc} is larger than the smallest class ({smallest} images)")
         self.batch_real = min(self.cfg.batch_real, smallest)
         self.optimizer = torch.optim.SGD(self.param.parameters(), lr=self.cfg.lr_img, momentum=self.cfg.momentum)
 
     # -- state -----------------------------------------------------------
-    def initialize(self) -> None:
-        self.param.init(self.real, generator(self.cfg.seed, "init"))
+    def initialize(self, real: RealData | None = None) -> None:
+        """Initialise from ``real`` (default: this process's data; a class shard passes the full split)."""
+        self.param.init(real if real is not None else self.real, generator(self.cfg.seed, "init"))
 
     def state_dict(self) -> dict:
         # a snapshot: the optimizer's own state_dict shares its live momentum buffers
         return {"parameterization": {k: v.detach().clone() for k, v in self.param.state_dict().items()},
                 "optimizer": copy.deepcopy(self.optimizer.state_dict()), "iteration": self.iteration}
+
+    def merged_state_dict(self) -> dict:
+        """:meth:`state_dict` with every rank's classes filled in (the same as ``state_dict`` in one process)."""
+        state = self.state_dict()
+        if self.world.active:
+            state = merge_state(state, self.classes, self.real.spec.num_classes)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.param.load_state_dict(state["parameterization"])
@@ -155,8 +165,11 @@ class Interrupted(Exception):
 
 
 def save_checkpoint(condenser: Condenser, path: Path, log_position: int) -> None:
-    atomic_save({"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "config": condenser.cfg.as_dict(),
-                 "log_position": log_position, **condenser.state_dict()}, path)
+    """Write the whole state (merged across ranks when class-sharded; rank 0 writes)."""
+    state = condenser.merged_state_dict()
+    if condenser.world.is_main:
+        atomic_save({"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "config": condenser.cfg.as_dict(),
+                     "log_position": log_position, **state}, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -180,15 +193,18 @@ def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | 
         stop["requested"] = True
 
     previous = signal.signal(signal.SIGINT, request_stop) if _main_thread() else None
-    log = open(loss_log, "a", encoding="utf-8") if loss_log else None
+    log = open(loss_log, "a", encoding="utf-8") if loss_log and condenser.world.is_main else None
     try:
         while condenser.iteration < cfg.iterations:
             it = condenser.iteration
             pending.append((it, condenser.step()))
             done = condenser.iteration
             at_checkpoint = checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations)
-            if done % cfg.log_every == 0 or at_checkpoint or stop["requested"] or done == cfg.iterations:
-                last = _flush(pending, log, condenser.real.spec.num_classes)
+            at_log = done % cfg.log_every == 0 or at_checkpoint or done == cfg.iterations
+            if condenser.world.active:  # ranks agree on stopping at log intervals, so collectives stay in step
+                stop["requested"] = at_log and any_across(stop["requested"], condenser.device)
+            if at_log or stop["requested"]:
+                last = _flush(pending, log, condenser.real.spec.num_classes, condenser.world)
                 pending.clear()
                 on_progress(done, last)
             else:
@@ -204,10 +220,11 @@ def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | 
             signal.signal(signal.SIGINT, previous)
 
 
-def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int) -> float | None:
+def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int, world: World) -> float | None:
     if not pending:
         return None
-    values = torch.stack([loss for _, loss in pending]).tolist()  # one host sync per interval
+    losses = torch.stack([loss for _, loss in pending])
+    values = (sum_across(losses) if world.active else losses).tolist()  # one host sync per interval
     for (it, _), value in zip(pending, values):
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
@@ -238,38 +255,55 @@ def resolve_device(name: str) -> torch.device:
 
 def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: Path, resume: bool,
             on_progress: Callable[[int, float | None], None] = lambda it, loss: None) -> Path:
-    """Run (or resume) a distillation into ``run_dir``; returns the artifact path."""
+    """Run (or resume) a distillation into ``run_dir``; returns the artifact path.
+
+    Under torchrun the classes are sharded over the ranks (see
+    :mod:`distillkit.distributed`); rank 0 writes every file.
+    """
     from distillkit.artifact import (CHECKPOINT_FILE, CONFIG_FILE, LOSS_LOG, SYNTHETIC_FILE, atomic_write_json,
                                      save_synthetic)
     from distillkit.data import load_split
+    from distillkit.distributed import device_for_rank, world as join_world
 
+    device = device_for_rank(device)
+    world = join_world(device)
     dataset = registry.create("datasets", cfg.dataset, **cfg.dataset_options)
-    real = load_split(dataset, data_root, train=True, device=device)
-    condenser = Condenser(cfg, real, device)
+    real = load_split(dataset, data_root, train=True, device="cpu")
+    owned = world.owned(real.spec.num_classes)
+    condenser = Condenser(cfg, real.restricted(owned, device), device, owned, world)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, loss_log = run_dir / CHECKPOINT_FILE, run_dir / LOSS_LOG
     if resume:
         state = load_checkpoint(checkpoint)
         condenser.load_state_dict(state)
-        with open(loss_log, "a+b") as fh:  # drop log lines written after the checkpoint
-            fh.truncate(int(state["log_position"]))
+        if world.is_main:
+            with open(loss_log, "a+b") as fh:  # drop log lines written after the checkpoint
+                fh.truncate(int(state["log_position"]))
     else:
-        condenser.initialize()
-        atomic_write_json(cfg.as_dict(), run_dir / CONFIG_FILE)
-        loss_log.unlink(missing_ok=True)
+        condenser.initialize(real)  # every rank initialises every class identically from the full split
+        if world.is_main:
+            atomic_write_json(cfg.as_dict(), run_dir / CONFIG_FILE)
+            loss_log.unlink(missing_ok=True)
         save_checkpoint(condenser, checkpoint, 0)
+    del real
     on_progress(condenser.iteration, None)
     run_loop(condenser, checkpoint=checkpoint, loss_log=loss_log, on_progress=on_progress)
 
-    param, spec = condenser.param, real.spec
-    with torch.no_grad():
-        decoded = param.decode(range(spec.num_classes))
-    labels = torch.arange(spec.num_classes).repeat_interleave(decoded.shape[1])
-    stored = param.stored()
+    param, spec = condenser.param, condenser.real.spec
+    if world.active:
+        param.load_state_dict(condenser.merged_state_dict()["parameterization"])
     path = run_dir / SYNTHETIC_FILE
-    save_synthetic(path, images=decoded.flatten(0, 1), labels=labels, stored=stored,
-                   stored_labels=torch.arange(spec.num_classes).repeat_interleave(stored.shape[0] // spec.num_classes),
-                   spec=spec, class_names=real.class_names, parameterization=cfg.parameterization,
-                   parameterization_state=param.state_dict(), config=cfg.as_dict(), dataset=dataset.name,
-                   method=cfg.method, iterations_done=condenser.iteration)
+    if world.is_main:
+        with torch.no_grad():
+            decoded = param.decode(range(spec.num_classes))
+        labels = torch.arange(spec.num_classes).repeat_interleave(decoded.shape[1])
+        stored = param.stored()
+        save_synthetic(path, images=decoded.flatten(0, 1), labels=labels, stored=stored,
+                       stored_labels=torch.arange(spec.num_classes).repeat_interleave(
+                           stored.shape[0] // spec.num_classes),
+                       spec=spec, class_names=condenser.real.class_names, parameterization=cfg.parameterization,
+                       parameterization_state=param.state_dict(), config=cfg.as_dict(), dataset=dataset.name,
+                       method=cfg.method, iterations_done=condenser.iteration)
+    if world.active:
+        torch.distributed.barrier()
     return path

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -165,11 +165,15 @@ class RealData:
     images: Tensor
     labels: Tensor
     class_names: tuple[str, ...]
+    #: images per class in the whole split (kept by :meth:`restricted`, so sizes never depend on a shard)
+    split_counts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         order = torch.argsort(self.labels.cpu(), stable=True)
         counts = torch.bincount(self.labels.cpu(), minlength=self.spec.num_classes)
         self._by_class = list(torch.split(order, counts.tolist()))
+        if not self.split_counts:
+            self.split_counts = tuple(counts.tolist())
 
     def count(self, label: int) -> int:
         return len(self._by_class[label])
@@ -185,6 +189,15 @@ class RealData:
 
     def sample(self, label: int, n: int, generator: torch.Generator) -> Tensor:
         return self.images[self.sample_indices(label, n, generator).to(self.images.device)]
+
+    def restricted(self, classes: Sequence[int] | None, device: torch.device | str) -> "RealData":
+        """Only ``classes`` (all if None) on ``device``; labels keep their global values."""
+        if classes is None:
+            return RealData(self.spec, self.images.to(device), self.labels.to(device), self.class_names,
+                            self.split_counts)
+        keep = torch.isin(self.labels.cpu(), torch.as_tensor(list(classes)))
+        return RealData(self.spec, self.images[keep.to(self.images.device)].to(device),
+                        self.labels[keep.to(self.labels.device)].to(device), self.class_names, self.split_counts)
 
     def as_training_set(self) -> TrainingSet:
         return TrainingSet(self.images, self.labels.to(self.images.device))

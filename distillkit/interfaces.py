@@ -113,7 +113,12 @@ class Parameterization(_Protocol):
         """Bring the parameters back into their valid space (e.g. clamp); called before every iteration."""
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Raw state (tensors only), enough to rebuild with :meth:`load_state_dict`."""
+        """Raw state (tensors only), enough to rebuild with :meth:`load_state_dict`.
+
+        Every tensor here and in :meth:`parameters` is class-major along dim 0
+        (``num_classes * k`` rows, class ``c`` in rows ``c*k:(c+1)*k``): that is how
+        class-sharded runs merge their pieces exactly.
+        """
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None: ...
 

@@ -1,0 +1,95 @@
+"""Class sharding with torch.distributed (launched by ``torchrun``).
+
+DM and M3D are separable by class: a class's synthetic images depend only on
+that class's real images and on random streams keyed by ``(seed, iteration,
+class)``. So each rank optimises a subset of the classes (``c % world == rank``)
+and the pieces are merged exactly: parameterization and optimizer tensors are
+class-major along dim 0 (see :class:`~distillkit.interfaces.Parameterization`),
+each rank zeroes the rows it does not own, and a SUM all-reduce reassembles the
+whole tensor bit for bit (``x + 0 = x``). Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+    def owned(self, num_classes: int) -> list[int] | None:
+        """The classes this rank optimises (None: all, single process)."""
+        return [c for c in range(num_classes) if c % self.size == self.rank] if self.active else None
+
+    def share(self, jobs: Sequence[Any]) -> list[Any]:
+        """This rank's slice of a job list (round-robin)."""
+        return list(jobs[self.rank::self.size])
+
+
+def world(device: torch.device) -> World:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def merge_class_rows(tensor: torch.Tensor, owned: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Reassemble a class-major tensor from every rank's owned rows (exact)."""
+    rows = tensor.shape[0] // num_classes
+    mask = torch.zeros(num_classes, dtype=torch.bool, device=tensor.device)
+    mask[list(owned)] = True
+    mine = torch.where(mask.repeat_interleave(rows).view(-1, *([1] * (tensor.dim() - 1))), tensor,
+                       torch.zeros_like(tensor))
+    dist.all_reduce(mine, op=dist.ReduceOp.SUM)
+    return mine
+
+
+def merge_state(state: Any, owned: Sequence[int], num_classes: int) -> Any:
+    """Merge every class-major tensor inside a (nested) state dict; other values pass through."""
+    if isinstance(state, torch.Tensor) and state.dim() > 0 and state.shape[0] % num_classes == 0:
+        return merge_class_rows(state, owned, num_classes)
+    if isinstance(state, dict):
+        return {k: merge_state(v, owned, num_classes) for k, v in state.items()}
+    if isinstance(state, list):
+        return [merge_state(v, owned, num_classes) for v in state]
+    return state
+
+
+def sum_across(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def any_across(flag: bool, device: torch.device) -> bool:
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
