@@ -1,0 +1,67 @@
+"""What every benchmark records: machine, device, versions, command; a table on stdout; JSON under results/."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from distillkit.artifact import atomic_write_json, versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def device_label(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls (synchronising CUDA around each)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2], times
+
+
+def write_report(name: str, device: torch.device, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None
+                 ) -> Path:
+    path = RESULTS / f"{name}-{device_label(device)}.json"
+    atomic_write_json({"benchmark": name, "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+                       "machine": machine(device), "versions": versions(),
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": list(rows), **(extra or {})}, path)
+    return path
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right" if isinstance(rows[0].get(col), (int, float)) else "left")
+    for row in rows:
+        table.add_row(*[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns])
+    Console().print(table)
