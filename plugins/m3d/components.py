@@ -1,0 +1,228 @@
+"""M3D's components, built only on distillkit's interfaces.
+
+* :class:`MMDObjective` (``mmd``): squared maximum mean discrepancy per class.
+* :class:`FactorParameterization` (``factor``): f x f tiles per stored image, bilinear up-sampling.
+* :class:`RandomEncoderSampler` (``random-encoder``): a random network kept for ``period`` iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distillkit.errors import UsageError
+from distillkit.interfaces import ImageSpec, RealImages
+from distillkit.zoo import random_embedder
+
+KERNELS = ("gaussian", "linear")
+ESTIMATORS = ("biased", "unbiased")
+BANDWIDTH_RULES = ("mean", "median")
+#: the released M3D code's five Gaussians: multiples of the base bandwidth
+M3D_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def squared_distances(z: Tensor) -> Tensor:
+    """Pairwise squared distances of each set in ``z`` (K, N, d) -> (K, N, N), zero diagonal, never negative.
+
+    The ``|a|^2 + |b|^2 - 2ab`` form is one batched matmul; its rounding can go
+    slightly negative or leave a nonzero diagonal, so both are fixed here.
+    """
+    sq = z.pow(2).sum(-1)
+    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * z @ z.transpose(-1, -2)).clamp_min(0)
+    eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
+    return d.masked_fill(eye, 0.0)
+
+
+class MMDObjective:
+    """Squared MMD between the real and synthetic features of each class.
+
+    The pooled set ``Z = [syn; real]`` gives one kernel matrix per class and the
+    loss is ``sum(K * W)`` with a fixed weight matrix ``W``: ``w w^T`` for the
+    biased V-statistic (``w = [1/n_s; -1/n_r]``, diagonals included, as in the
+    M3D reference), or the same without the within-set diagonals, renormalised,
+    for the unbiased U-statistic.
+
+    Options:
+
+    * ``kernel``: ``"gaussian"`` (a sum of ``exp(-D / h)`` over bandwidths ``h``,
+      ``D`` the squared distance) or ``"linear"`` (``a.b``; the biased estimate
+      is then DM's squared mean gap).
+    * ``bandwidth`` (Gaussian only; values are in units of squared distance):
+      ``"mean"``: the mean off-diagonal squared distance of the pooled set times
+      each of ``multipliers`` (the M3D reference); ``"median"``: the median
+      off-diagonal squared distance times ``multipliers``; a number, or a list
+      of numbers (one Gaussian each, summed). Data-driven bandwidths are
+      constants for the gradient, as in the reference.
+    * ``estimator``: ``"biased"`` or ``"unbiased"`` (needs 2+ samples per set).
+    """
+
+    def __init__(self, kernel: str = "gaussian", bandwidth: str | float | Sequence[float] = "mean",
+                 estimator: str = "biased", multipliers: Sequence[float] = M3D_MULTIPLIERS) -> None:
+        if kernel not in KERNELS:
+            raise UsageError(f"unknown MMD kernel {kernel!r}; choose one of: {', '.join(KERNELS)}")
+        if estimator not in ESTIMATORS:
+            raise UsageError(f"unknown MMD estimator {estimator!r}; choose one of: {', '.join(ESTIMATORS)}")
+        self.kernel, self.estimator = kernel, estimator
+        self.rule: str | None = None
+        if isinstance(bandwidth, str):
+            if bandwidth not in BANDWIDTH_RULES:
+                raise UsageError(f"unknown MMD bandwidth {bandwidth!r}; choose one of: mean, median, a positive "
+                                 f"number or a list of them")
+            self.rule, scales = bandwidth, multipliers
+        else:
+            scales = [bandwidth] if isinstance(bandwidth, (int, float)) else bandwidth
+        try:
+            self.scales = tuple(float(s) for s in scales)
+        except (TypeError, ValueError):
+            raise UsageError(f"MMD bandwidth/multipliers must be positive numbers, got {list(scales)!r}") from None
+        if not self.scales or min(self.scales) <= 0 or not all(map(math.isfinite, self.scales)):
+            raise UsageError(f"MMD bandwidths must be positive numbers, got {list(self.scales)!r}")
+
+    def __call__(self, real: Tensor, syn: Tensor) -> Tensor:
+        n_s, n_r = syn.shape[1], real.shape[1]
+        z = torch.cat([syn, real.detach().to(syn.dtype)], 1)
+        if self.kernel == "linear":
+            k = z @ z.transpose(-1, -2)
+        else:
+            d = squared_distances(z)
+            h = self._bandwidths(d.detach())  # (K, B)
+            k = torch.exp(-d.unsqueeze(1) / h[:, :, None, None]).sum(1)
+        return (k * self._weights(n_s, n_r, z)).sum((1, 2))
+
+    def _bandwidths(self, d: Tensor) -> Tensor:
+        scales = torch.tensor(self.scales, dtype=d.dtype, device=d.device)
+        k, n = d.shape[:2]
+        if self.rule is None:
+            return scales.expand(k, -1)
+        if self.rule == "mean":  # the diagonal is zero, so the full sum is the off-diagonal sum
+            base = d.sum((1, 2)) / (n * n - n)
+        else:
+            rows, cols = torch.triu_indices(n, n, 1, device=d.device)
+            base = d[:, rows, cols].median(dim=1).values
+        # identical features give base 0; any positive bandwidth then yields the same kernel (all ones)
+        return base.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(1) * scales
+
+    def _weights(self, n_s: int, n_r: int, like: Tensor) -> Tensor:
+        """``W`` with ``sum(K * W)`` = the MMD^2 estimate; the synthetic block first."""
+        w = torch.cat([torch.full((n_s,), 1.0 / n_s), torch.full((n_r,), -1.0 / n_r)])
+        weights = torch.outer(w, w)
+        if self.estimator == "unbiased":
+            if min(n_s, n_r) < 2:
+                raise UsageError(f"the unbiased MMD estimator needs 2+ real and synthetic samples per class, got "
+                                 f"{n_r} real and {n_s} synthetic; use objective.estimator=biased or more images")
+            weights[:n_s, :n_s] *= n_s / (n_s - 1)
+            weights[n_s:, n_s:] *= n_r / (n_r - 1)
+            weights.fill_diagonal_(0.0)
+        return weights.to(dtype=like.dtype, device=like.device)
+
+
+class FactorParameterization:
+    """Factor up-sampling (IDC's multi-formation): each stored image holds ``factor x factor`` tiles.
+
+    Stored images live in [0, 1] pixel space (clamped by :meth:`project`), as in
+    the M3D reference. Decoding pads the bottom/right with 0.5 when the size is
+    not a multiple of ``factor``, cuts the tiles, stacks them tile-major (tile
+    (0, 0) of every stored image of a class, then tile (0, 1), ...), up-samples
+    each bilinearly to the full size and normalises: ``factor**2 * ipc`` training
+    images per class.
+
+    ``init``: ``"mix"`` (default) fills tile ``t`` of stored image ``i`` with the
+    ``t * ipc + i``-th image of the class in dataset order, nearest-down-sampled
+    to the tile size (the reference's init), so decoding the fresh set yields the
+    first ``factor**2 * ipc`` real images, blurred, in order; ``"real"``: the same
+    with ``factor**2 * ipc`` random real images drawn as ``pixel`` draws them
+    (with factor 1 both parameterizations then start from the same images);
+    ``"noise"``: ``clamp(N(0, 1) / 4 + 0.5, 0, 1)``. Unlike the reference, tiles
+    are written where :meth:`decode` reads them when the size is not a multiple
+    of ``factor`` (the reference writes uneven tiles there).
+    """
+
+    INITS = ("mix", "real", "noise")
+
+    def __init__(self, spec: ImageSpec, ipc: int, device: torch.device, factor: int = 2, init: str = "mix") -> None:
+        if not isinstance(factor, int) or not 1 <= factor <= min(spec.height, spec.width):
+            raise UsageError(f"parameterization factor must be an integer from 1 to {min(spec.height, spec.width)}, "
+                             f"got {factor!r}")
+        if init not in self.INITS:
+            raise UsageError(f"unknown factor init {init!r}; choose one of: {', '.join(self.INITS)}")
+        self.spec, self.ipc, self.factor, self.init_mode = spec, ipc, factor, init
+        self.images_per_class = factor * factor * ipc
+        self.tile = (math.ceil(spec.height / factor), math.ceil(spec.width / factor))
+        self.images = torch.zeros(spec.num_classes * ipc, spec.channels, spec.height, spec.width, device=device,
+                                  requires_grad=True)
+
+    def init(self, real: RealImages, generator: torch.Generator) -> None:
+        f, ipc, (c, h, w) = self.factor, self.ipc, self.images.shape[1:]
+        with torch.no_grad():
+            if self.init_mode == "noise":
+                noise = torch.randn(self.images.shape, generator=generator) / 4 + 0.5
+                self.images.copy_(noise.clamp(0, 1))
+                return
+            n = self.images_per_class
+            for k in range(self.spec.num_classes):
+                chosen = real.class_images(k)[:n] if self.init_mode == "mix" else real.sample(k, n, generator)
+                if len(chosen) < n:
+                    raise UsageError(f"factor init needs {n} real images of class {k}, the dataset has {len(chosen)}")
+                pixels = self.spec.denormalize(chosen.to(self.images.device)).clamp(0, 1)
+                tiles = F.interpolate(pixels, size=self.tile, mode="nearest")  # (f*f*ipc, c, s_h, s_w), tile-major
+                grid = tiles.view(f, f, ipc, c, *self.tile).permute(2, 3, 0, 4, 1, 5)  # (ipc, c, f, s_h, f, s_w)
+                full = grid.reshape(ipc, c, f * self.tile[0], f * self.tile[1])
+                self.images[k * ipc:(k + 1) * ipc] = full[..., :h, :w]
+
+    def parameters(self) -> list[Tensor]:
+        return [self.images]
+
+    def decode(self, classes: Sequence[int]) -> Tensor:
+        f, ipc, (c, h, w), (s_h, s_w) = self.factor, self.ipc, self.images.shape[1:], self.tile
+        index = torch.as_tensor(list(classes), device=self.images.device)
+        x = self.images.view(self.spec.num_classes, ipc, c, h, w)[index]
+        k = x.shape[0]
+        x = F.pad(x.flatten(0, 1), (0, f * s_w - w, 0, f * s_h - h), value=0.5)
+        tiles = x.view(k, ipc, c, f, s_h, f, s_w).permute(0, 3, 5, 1, 2, 4, 6)  # (k, f, f, ipc, c, s_h, s_w)
+        up = F.interpolate(tiles.reshape(-1, c, s_h, s_w), size=(h, w), mode="bilinear", align_corners=False)
+        return self.spec.normalize(up).view(k, self.images_per_class, c, h, w)
+
+    def stored(self) -> Tensor:
+        return self.spec.normalize(self.images.detach())
+
+    def project(self) -> None:
+        with torch.no_grad():
+            self.images.clamp_(0, 1)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"images": self.images.detach()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+
+
+class RandomEncoderSampler:
+    """A randomly initialised ``model`` (ConvNet-3 by default), redrawn every ``period`` iterations.
+
+    The network serving iteration ``it`` is the one keyed ``("encoder", it // period * period)``,
+    a pure function of the run seed; with ``period=1`` it is exactly the network
+    ``random-convnet`` draws at that iteration. The current network is cached so it
+    is built once per period.
+    """
+
+    def __init__(self, spec: ImageSpec, seed: int, device: torch.device, model: str = "convnet3",
+                 period: int = 5) -> None:
+        if not isinstance(period, int) or period < 1:
+            raise UsageError(f"sampler period must be a positive integer (iterations per random model), "
+                             f"got {period!r}")
+        self.spec, self.seed, self.device, self.model, self.period = spec, seed, device, model, period
+        self._cached: tuple[int, Callable[[Tensor], Tensor]] | None = None
+
+    def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]:
+        key = iteration // self.period * self.period
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, random_embedder(self.model, self.spec, self.seed, "encoder", key, device=self.device))
+        return self._cached[1]
+
+    def redraws_at(self, iteration: int) -> bool:
+        return iteration % self.period == 0
