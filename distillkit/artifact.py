@@ -4,17 +4,19 @@ Every file is written to a temporary sibling, flushed, fsynced and renamed, so a
 crash leaves either the old file or the new one, never half of one. Tensor
 files hold only tensors and plain Python values and load with
 ``torch.load(..., weights_only=True)``: a file that would need to run code is
-refused.
+refused. They also carry a digest of their content, because a flipped byte inside
+a tensor's storage still unpickles cleanly (torch does not check the zip CRCs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,12 +36,24 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CONFIG_FILE = "config.json"
 LOSS_LOG = "losses.jsonl"
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format, the only one distillkit writes
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would hide results from a shared group
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -55,9 +69,37 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def content_digest(obj: Any) -> str:
+    """A digest of a nested structure of tensors and plain values (keys, dtypes, shapes and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(value: Any) -> None:
+        if isinstance(value, Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+            h.update(t.flatten().view(torch.uint8).numpy())  # the buffer itself, no copy
+        elif isinstance(value, Mapping):
+            h.update(f"dict {len(value)};".encode())
+            for key in sorted(value, key=repr):
+                h.update(f"{key!r}:".encode())
+                walk(value[key])
+        elif isinstance(value, (list, tuple)):
+            h.update(f"{type(value).__name__} {len(value)};".encode())
+            for item in value:
+                walk(item)
+        else:
+            h.update(f"{value!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
 def atomic_save(obj: Mapping[str, Any], path: Path) -> None:
+    """``torch.save`` a dict of tensors and plain values atomically, with a content ``digest`` entry."""
+    obj = dict(obj)
+    obj["digest"] = content_digest(obj)
     buffer = io.BytesIO()
-    torch.save(dict(obj), buffer)
+    torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -70,23 +112,36 @@ def safe_load(path: Path, expected_format: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(len(_ZIP_MAGIC))
+    if magic != _ZIP_MAGIC:
+        what = "it is empty" if not magic else "it is not a PyTorch archive"
+        raise UsageError(f"{path} is not a {expected_format} file ({what})")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UsageError(
-            f"refusing to load {path}: it holds Python objects that could run code when unpickled "
-            f"({str(exc).splitlines()[0][:200]})"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise UsageError(f"{path} is corrupt or truncated ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") \
-            from None
+        blocked = re.search(r"GLOBAL (\S+)", str(exc))
+        if blocked:
+            raise UsageError(f"refusing to load {path}: unpickling it would call {blocked.group(1)}, i.e. run code; "
+                             f"distillkit files hold only tensors and plain values") from None
+        raise UsageError(f"{path} is corrupt ({_last_line(exc)})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes means a damaged file
+        raise UsageError(f"{path} is corrupt or truncated ({type(exc).__name__}: {_last_line(exc)})") from None
     if not isinstance(obj, dict) or obj.get("format") != expected_format:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise UsageError(f"{path} is not a {expected_format} file (found {found!r})")
     if obj.get("format_version", 0) > FORMAT_VERSION:
         raise UsageError(f"{path} has format version {obj['format_version']}; this distillkit reads up to "
                          f"{FORMAT_VERSION}: upgrade distillkit")
+    digest = obj.pop("digest", None)  # absent only in files written before digests existed
+    if digest is not None and digest != content_digest(obj):
+        raise UsageError(f"{path} is corrupt: its content does not match the digest written with it")
     return obj
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[-1].split(". ")[0][:200] if lines else "no detail"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -35,7 +35,8 @@ class _Main(click.Group):
         except UsageError as exc:
             if ctx.meta.get("distillkit.debug"):
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            click.echo(f"Error: {one_line}", err=True)
             ctx.exit(2)
 
 
@@ -99,6 +100,8 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
     from distillkit.data import resolve_root
 
     if resume_dir is not None:
+        if overwrite:
+            raise UsageError(f"--resume {resume_dir} continues a run and --overwrite replaces one: pass only one")
         cfg = _resumed_config(resume_dir, method, dataset, ipc, out_dir, sets, seed, overrides)
         run_dir = resume_dir
     else:
@@ -113,7 +116,7 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
                                  f"or --overwrite to replace it")
             if not (run_dir / CONFIG_FILE).exists():
                 raise UsageError(f"--overwrite refused: {run_dir} is not a distillkit run directory (no {CONFIG_FILE})")
-            shutil.rmtree(run_dir)
+    cfg.check_names()  # before the first line of output: a typo gets one line, not a progress bar
     dev = resolve_device(device)
     console.print(f"[bold]distill[/] {cfg.method} on {cfg.dataset}, IPC {cfg.ipc}, {cfg.iterations} iterations, "
                   f"seed {cfg.seed}, device {dev} -> {run_dir}")
@@ -125,11 +128,15 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
 
         try:
             path = run_distill(cfg, run_dir, device=dev, data_root=resolve_root(data_root), resume=resume_dir is not None,
-                               on_progress=on_progress)
+                               overwrite=overwrite, on_progress=on_progress)  # deletes the old run after all checks
         except Interrupted as stop:
             progress.stop()
-            click.echo(f"interrupted at iteration {stop.iteration}; checkpoint written. Continue with: "
-                       f"distillkit distill --resume {run_dir}", err=True)
+            click.echo(f"interrupted ({signal.Signals(stop.signum).name}) at iteration {stop.iteration}; checkpoint "
+                       f"written. Continue with: distillkit distill --resume {run_dir}", err=True)
+            sys.exit(128 + stop.signum)
+        except KeyboardInterrupt:  # before the loop installed its handler: nothing new to keep
+            progress.stop()
+            click.echo("interrupted before the first iteration; nothing to keep, run the command again", err=True)
             sys.exit(130)
     out.print(f"wrote {path}")
 

@@ -15,6 +15,17 @@ Every random draw comes from a generator derived from ``(seed, stream,
 iteration, class)``, so a run is reproducible, resumes bit-exactly from a
 checkpoint, and gives the same per-class result whatever subset of classes a
 process owns (class sharding under torchrun).
+
+Checkpoints therefore hold no RNG state: the parameterization tensors, the
+optimizer state (momentum), the iteration and the loss-log position are the
+whole state, because every stream of iteration ``it`` is recomputed from
+``(seed, keys)`` (see :mod:`distillkit.seeding`): the real batches, the
+augmentation parameters and the synthetic subsets here; the initialisation;
+the sampler's networks, built inside :func:`~distillkit.seeding.seeded`, which
+restores torch's global generator afterwards. A checkpoint records the seed and
+this scheme (``STREAMS``) so it describes itself. Nothing may draw from torch's
+global generators, whose state a checkpoint does not hold: the loop checks this
+at every checkpoint and warns if a component did.
 """
 
 from __future__ import annotations
@@ -22,7 +33,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import signal
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -39,6 +53,15 @@ from distillkit.distributed import World, any_across, merge_state, sum_across
 from distillkit.errors import NonFiniteLossError, UsageError
 from distillkit.interfaces import Objective, Parameterization, Sampler
 from distillkit.seeding import generator
+
+#: What a checkpoint records instead of RNG states: how every random stream is derived.
+STREAMS = {
+    "derivation": "distillkit.seeding.derive_seed(seed, *keys): blake2b-64 of 'seed/key/...' seeds a CPU "
+                  "torch.Generator; nothing draws from torch's global generators",
+    "loop": ["init", "real/ITERATION/CLASS", "augment/ITERATION/CLASS", "syn/ITERATION/CLASS"],
+    "components": "samplers and parameterizations derive theirs from the same seed with their own keys "
+                  "(random-convnet: model/encoder/ITERATION)",
+}
 
 
 def build_components(cfg: RunConfig, real: RealData, device: torch.device
@@ -92,6 +115,18 @@ class Condenser:
         if self.world.active:
             state = merge_state(state, self.classes, self.real.spec.num_classes)
         return state
+
+    def preflight(self) -> None:
+        """Embed two real images with this iteration's extractor, so a model that cannot take the
+        dataset's channels or size fails with a clear message before any file is written."""
+        try:
+            with torch.no_grad():
+                self.sampler.extractor(self.iteration)(self.real.images[:2])
+        except (RuntimeError, ValueError) as exc:
+            spec, options = self.real.spec, dict(self.cfg.sampler_options)
+            raise UsageError(f"sampler {self.cfg.sampler!r} {options} cannot embed {self.cfg.dataset}'s "
+                             f"{spec.channels}x{spec.height}x{spec.width} images: "
+                             f"{str(exc).strip().splitlines()[0][:200]}") from exc
 
     def load_state_dict(self, state: dict) -> None:
         self.param.load_state_dict(state["parameterization"])
@@ -157,11 +192,11 @@ class Condenser:
 
 
 class Interrupted(Exception):
-    """SIGINT arrived; a checkpoint was written at ``iteration``."""
+    """SIGINT or SIGTERM (``signum``) arrived; a checkpoint was written at ``iteration``."""
 
-    def __init__(self, iteration: int) -> None:
-        super().__init__(iteration)
-        self.iteration = iteration
+    def __init__(self, iteration: int, signum: int = signal.SIGINT) -> None:
+        super().__init__(iteration, signum)
+        self.iteration, self.signum = iteration, int(signum)
 
 
 def save_checkpoint(condenser: Condenser, path: Path, log_position: int) -> None:
@@ -169,7 +204,7 @@ def save_checkpoint(condenser: Condenser, path: Path, log_position: int) -> None
     state = condenser.merged_state_dict()
     if condenser.world.is_main:
         atomic_save({"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "config": condenser.cfg.as_dict(),
-                     "log_position": log_position, **state}, path)
+                     "seed": condenser.cfg.seed, "streams": STREAMS, "log_position": log_position, **state}, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -182,17 +217,21 @@ def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | 
 
     The host reads the loss back only at log and checkpoint intervals (no
     per-iteration device sync). A non-finite loss stops the run before the next
-    checkpoint is written, so the last good checkpoint survives. SIGINT finishes
-    the current iteration, writes a checkpoint and raises :class:`Interrupted`.
+    checkpoint is written, so the last good checkpoint survives. SIGINT or SIGTERM
+    finishes the current iteration, writes a checkpoint and raises
+    :class:`Interrupted`. The log is fsynced before each checkpoint, so a
+    checkpoint never points past the end of the log.
     """
     cfg = condenser.cfg
     pending: list[tuple[int, Tensor]] = []
-    stop = {"requested": False}
+    stop = {"requested": False, "signum": signal.SIGINT}
+    global_rng = _global_rng_state(condenser.device)
 
     def request_stop(signum, frame):  # noqa: ARG001
-        stop["requested"] = True
+        stop["requested"], stop["signum"] = True, signum
 
-    previous = signal.signal(signal.SIGINT, request_stop) if _main_thread() else None
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, request_stop) for s in signals} if _main_thread() else {}
     log = open(loss_log, "a", encoding="utf-8") if loss_log and condenser.world.is_main else None
     try:
         while condenser.iteration < cfg.iterations:
@@ -210,14 +249,34 @@ def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | 
             else:
                 on_progress(done, None)
             if checkpoint is not None and (at_checkpoint or stop["requested"]):
+                if log:
+                    os.fsync(log.fileno())
                 save_checkpoint(condenser, checkpoint, log.tell() if log else 0)
+                global_rng = _check_global_rng(global_rng, condenser.device)
             if stop["requested"]:
-                raise Interrupted(done)
+                raise Interrupted(done, stop["signum"])
     finally:
         if log:
             log.close()
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _global_rng_state(device: torch.device) -> list[Tensor]:
+    states = [torch.random.get_rng_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
+
+
+def _check_global_rng(before: list[Tensor], device: torch.device) -> list[Tensor]:
+    """Warn when a component drew from torch's global generators, which checkpoints do not hold."""
+    now = _global_rng_state(device)
+    if any(not torch.equal(a, b) for a, b in zip(before, now)):
+        warnings.warn("a component drew from torch's global random generator: this run is not reproducible and "
+                      "will not resume exactly; derive its randomness with distillkit.seeding", RuntimeWarning,
+                      stacklevel=2)
+    return now
 
 
 def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int, world: World) -> float | None:
@@ -242,6 +301,24 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def _resume_state(cfg: RunConfig, checkpoint: Path, loss_log: Path) -> dict:
+    """The checkpoint to resume from, after checking it belongs to ``cfg`` and to the loss log beside it."""
+    state = load_checkpoint(checkpoint)
+    try:  # through RunConfig, so fields added since the run started take their defaults on both sides
+        same = RunConfig.from_dict(state["config"]).as_dict() == cfg.as_dict()
+    except (KeyError, TypeError):
+        same = False
+    if not same:
+        raise UsageError(f"{checkpoint} was written by a different config than the run's config.json; "
+                         f"the run directory was altered, start a new run")
+    position = int(state["log_position"])
+    size = loss_log.stat().st_size if loss_log.exists() else 0
+    if size < position:
+        raise UsageError(f"{loss_log} has {size} bytes but the checkpoint follows it to byte {position}: "
+                         f"the loss log was truncated or replaced; restore it or start a new run")
+    return state
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -254,8 +331,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: Path, resume: bool,
+            overwrite: bool = False,
             on_progress: Callable[[int, float | None], None] = lambda it, loss: None) -> Path:
     """Run (or resume) a distillation into ``run_dir``; returns the artifact path.
+
+    Every check that can fail on bad input (names, data files, IPC, the
+    extractor on the dataset's images, the checkpoint) runs before the first
+    write, so a refused run leaves an existing ``run_dir`` untouched; with
+    ``overwrite`` the old directory is removed only then. Resuming a run that
+    was killed before its first checkpoint starts it afresh (same result).
 
     Under torchrun the classes are sharded over the ranks (see
     :mod:`distillkit.distributed`); rank 0 writes every file.
@@ -265,17 +349,25 @@ def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: P
     from distillkit.data import load_split
     from distillkit.distributed import device_for_rank, world as join_world
 
+    cfg.check_names()
     device = device_for_rank(device)
     world = join_world(device)
     dataset = registry.create("datasets", cfg.dataset, **cfg.dataset_options)
     real = load_split(dataset, data_root, train=True, device="cpu")
     owned = world.owned(real.spec.num_classes)
     condenser = Condenser(cfg, real.restricted(owned, device), device, owned, world)
-    run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint, loss_log = run_dir / CHECKPOINT_FILE, run_dir / LOSS_LOG
-    if resume:
-        state = load_checkpoint(checkpoint)
+    state = _resume_state(cfg, checkpoint, loss_log) if resume and checkpoint.exists() else None
+    if state is not None:
         condenser.load_state_dict(state)
+    condenser.preflight()
+    if overwrite and world.is_main and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_main:  # temporary files of atomic writes a killed run left behind
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    if state is not None:
         if world.is_main:
             with open(loss_log, "a+b") as fh:  # drop log lines written after the checkpoint
                 fh.truncate(int(state["log_position"]))

@@ -35,6 +35,8 @@ class RunConfig:
     objective_options: Mapping[str, Any] = field(default_factory=dict)
     parameterization_options: Mapping[str, Any] = field(default_factory=dict)
     sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    # A checkpoint holds the parameters and their momentum (2x the stored set): every 100 iterations
+    # is seconds of work on a GPU (0.5% of DM's 20k iterations) and cheap I/O even at IPC 50.
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -48,6 +50,14 @@ class RunConfig:
         if unknown:
             raise UsageError(f"config has unknown keys {unknown}")
         return cls(**data)
+
+    def check_names(self) -> None:
+        """Fail on an unknown component or dataset name before any data is loaded or file written."""
+        from distillkit import registry
+
+        for kind, name in (("objectives", self.objective), ("parameterizations", self.parameterization),
+                           ("samplers", self.sampler), ("datasets", self.dataset)):
+            registry.plugins()[kind].get(name)
 
     def differences(self, other: "RunConfig", ignore: tuple[str, ...] = ()) -> list[str]:
         a, b = self.as_dict(), other.as_dict()

@@ -9,6 +9,7 @@ missing, and if that fails too the error names the files and the folder.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +34,9 @@ def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
     return cache / "distillkit" / "data"
 
 
+DOWNLOAD_TIMEOUT_S = 30.0  # per network operation: offline, a download fails in seconds instead of hanging
+
+
 def _torchvision_split(cls_name: str, folder: str, files: tuple[str, ...], **split_kwargs: object):
     """A loader for a torchvision dataset class: local files first, then download, then a clear error."""
 
@@ -43,15 +47,13 @@ def _torchvision_split(cls_name: str, folder: str, files: tuple[str, ...], **spl
         kwargs = dict(split_kwargs.get("train" if train else "test", {"train": train}))  # type: ignore[arg-type]
         try:
             ds = cls(str(root), download=False, **kwargs)
-        except (RuntimeError, FileNotFoundError, OSError):
-            try:
-                ds = cls(str(root), download=True, **kwargs)
-            except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - torchvision signals both cases with assorted exceptions
+            if "not found" not in str(exc).lower():  # the files are there but do not parse
                 raise UsageError(
-                    f"{cls_name} files are missing under {root / folder} and could not be downloaded "
-                    f"({type(exc).__name__}); put {', '.join(files)} there, or point --data-root / "
-                    f"$DISTILLKIT_DATA at a folder that has {folder}/"
+                    f"{cls_name} files under {root / folder} are corrupt or truncated ({type(exc).__name__}: "
+                    f"{str(exc).strip().splitlines()[0][:160]}); delete them and put {', '.join(files)} there again"
                 ) from None
+            ds = _download(cls, root, folder, files, kwargs)
         images = torch.as_tensor(ds.data)
         labels = torch.as_tensor(ds.targets if hasattr(ds, "targets") else ds.labels)
         if images.ndim == 3:  # (N, H, W) grey
@@ -61,6 +63,36 @@ def _torchvision_split(cls_name: str, folder: str, files: tuple[str, ...], **spl
         return images.contiguous(), labels.long()
 
     return load
+
+
+def _download(cls, root: Path, folder: str, files: tuple[str, ...], kwargs: dict):
+    """torchvision's download under a network timeout. Whatever a failed attempt wrote is removed, so a
+    partial file is never taken for data later."""
+    import socket
+
+    def entries() -> set[Path]:
+        top = set(root.iterdir()) if root.is_dir() else set()
+        inner = (root / folder).rglob("*") if folder != "." and (root / folder).is_dir() else ()
+        return top | set(inner)
+
+    existed, before = root.exists(), entries()
+    timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        return cls(str(root), download=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - offline, a moved mirror, a bad checksum: all end here
+        for path in sorted(entries() - before, key=lambda p: len(p.parts), reverse=True):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
+        reason = (str(exc).strip().splitlines() or [""])[-1][:120]  # torchvision puts the cause last
+        raise UsageError(
+            f"{cls.__name__} files are missing under {root / folder} and could not be downloaded "
+            f"({type(exc).__name__}: {reason}); put {', '.join(files)} there, or point --data-root / "
+            f"$DISTILLKIT_DATA at a folder that has {folder}/"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(timeout)
 
 
 _MNIST_FILES = (

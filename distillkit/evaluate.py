@@ -33,7 +33,7 @@ from distillkit.augment import Augment, AugmentParams
 from distillkit.errors import UsageError
 from distillkit.interfaces import ImageSpec, TrainingSet
 from distillkit.seeding import derive_seed, generator, seeded
-from distillkit.zoo import create_model
+from distillkit.zoo import check_model, create_model
 
 
 class _Ensemble:
@@ -267,8 +267,8 @@ def evaluate_run(run_dir: Path, *, protocol: Any, models: Sequence[str], runs: i
     if dataset.image_spec != synthetic.spec:
         raise UsageError(f"{run_dir}: the artifact's image spec {synthetic.spec} does not match dataset "
                          f"{config['dataset']!r} ({dataset.image_spec})")
-    for model in models:  # fail on a bad name before hours of training
-        create_model(model, synthetic.spec)
+    for model in models:  # fail on a bad name or an input the model cannot take before hours of training
+        check_model(model, synthetic.spec)
     test = load_split(dataset, data_root, train=False, device=device).as_training_set()
     jobs = [("synthetic", synthetic.training_set(device))]
     if baseline:

@@ -52,6 +52,19 @@ def create_model(name: str, spec: ImageSpec) -> nn.Module:
     raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(models.names())}")
 
 
+def check_model(name: str, spec: ImageSpec) -> None:
+    """Build ``name`` and run two blank images through it: some models cannot take ``spec``'s channels or
+    size only at forward time, and that should fail with a clear message before any training."""
+    with seeded(0, "check-model", name):  # leaves torch's global generator as it was
+        model = create_model(name, spec)
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, spec.channels, spec.height, spec.width))
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"model {name!r} cannot take {spec.channels}x{spec.height}x{spec.width} images: "
+                         f"{str(exc).strip().splitlines()[0][:200]}") from None
+
+
 def embed(model: nn.Module, x: Tensor) -> Tensor:
     """The penultimate embedding (features before the classifier), flattened to (N, d)."""
     return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
