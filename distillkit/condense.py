@@ -155,10 +155,15 @@ class Condenser:
         n_r = self.batch_real
         params = self._augment_params(it, classes)
         group_of = {c: i for i, c in enumerate(classes)}
-        with torch.no_grad():
-            real = torch.cat([self.real.sample(c, n_r, generator(seed, "real", it, c)) for c in classes])
-            group = torch.arange(len(classes)).repeat_interleave(n_r)
-            real_features = extract(self.augment.apply(real, params, group)).view(len(classes), n_r, -1)
+        chunk = self.cfg.real_chunk or len(classes)
+        with torch.no_grad():  # real features: one batched forward per chunk of classes (all by default)
+            pieces = []
+            for start in range(0, len(classes), chunk):
+                part = classes[start:start + chunk]
+                real = torch.cat([self.real.sample(c, n_r, generator(seed, "real", it, c)) for c in part])
+                group = torch.arange(start, start + len(part)).repeat_interleave(n_r)
+                pieces.append(self._features(extract, self.augment.apply(real, params, group)))
+            real_features = torch.cat(pieces).view(len(classes), n_r, -1)
 
         blocks = [classes] if self.cfg.step == "iteration" else [[c] for c in range(self.real.spec.num_classes)]
         total = torch.zeros((), device=self.device)
@@ -172,7 +177,7 @@ class Condenser:
                 k, n_s = syn.shape[:2]
                 index = torch.tensor([group_of[c] for c in owned])
                 syn = self.augment.apply(syn.flatten(0, 1), params, index.repeat_interleave(n_s))
-                syn_features = extract(syn).view(k, n_s, -1)
+                syn_features = self._features(extract, syn).view(k, n_s, -1)
                 loss = self.objective(real_features[index.to(real_features.device)], syn_features).sum()
                 if self.cfg.step == "iteration":
                     self.optimizer.zero_grad(set_to_none=True)
@@ -181,6 +186,12 @@ class Condenser:
             self.optimizer.step()
         self.iteration += 1
         return total
+
+    def _features(self, extract: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp and self.device.type == "cuda"):
+            return extract(images).float()
 
     def _ensure_grads(self) -> None:
         for p in self.param.parameters():

@@ -39,6 +39,12 @@ class RunConfig:
     # is seconds of work on a GPU (0.5% of DM's 20k iterations) and cheap I/O even at IPC 50.
     checkpoint_every: int = 100
     log_every: int = 10
+    #: classes per batched real-feature forward (None: all at once; lower it to bound memory with many classes)
+    real_chunk: int | None = None
+    #: bf16 autocast for the extractor on CUDA (changes numerics slightly; off by default)
+    amp: bool = False
+    #: channels-last memory format for extractor inputs (faster convolutions on CUDA)
+    channels_last: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -119,6 +125,8 @@ def resolve(method: Method, dataset: str, ipc: int, overrides: Mapping[str, Any]
     for name in ("iterations", "batch_real", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < (0 if name == "iterations" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.real_chunk is not None and cfg.real_chunk < 1:
+        raise UsageError(f"--real-chunk must be positive, got {cfg.real_chunk}")
     if cfg.step not in ("iteration", "class"):
         raise UsageError(f"unknown step schedule {cfg.step!r}; choose one of: iteration, class")
     return cfg
