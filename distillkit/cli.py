@@ -240,16 +240,38 @@ def _print_eval(report: dict) -> None:
 
 
 @cli.command()
-def plugins() -> None:
-    """Show every plugin: package, version, hooks and what it registers (and import errors)."""
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (for scripts).")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """Show every plugin: package, version, the hooks it implements with what each registered, and errors.
+
+    A plugin that failed is listed with its error and the others still work; the global --debug adds the
+    full tracebacks.
+    """
+    import dataclasses
+    import json
+
+    from rich.text import Text
+
+    rows = registry.plugins().info()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(info) for info in rows], indent=2))
+        return
     table = Table(title="distillkit plugins")
-    for col in ("plugin", "package", "version", "registers", "status"):
+    for col in ("plugin", "package", "version", "hooks: registered names", "status"):
         table.add_column(col)
-    for info in registry.plugins().info():
-        regs = "\n".join(f"{kind}: {', '.join(names)}" for kind, names in info.registers.items())
-        status = f"[red]error: {info.error}[/]" if info.error else "ok"
-        table.add_row(info.name, info.package, info.version, regs or ", ".join(info.hooks), status)
+    for info in rows:
+        kinds = {hook: kind for kind, hook in registry.KINDS.items()}
+        hooks = "\n".join(f"{hook}: {', '.join(info.registers.get(kinds.get(hook, ''), ())) or '-'}"
+                          for hook in info.hooks)
+        # Text, not markup: error messages may contain [brackets]
+        status = Text(f"error: {info.error}", style="red") if info.error else Text("ok")
+        table.add_row(info.name, info.package, info.version, hooks or "-", status)
     out.print(table)
+    if ctx.meta.get("distillkit.debug"):
+        for info in rows:
+            if info.traceback:
+                click.echo(f"\n--- {info.name} ---\n{info.traceback}", err=True)
 
 
 @cli.command(name="list")
@@ -287,6 +309,34 @@ def show(run_dir: Path, output: Path | None, decoded: bool, max_per_class: int) 
     images, labels = (synthetic.images, synthetic.labels) if decoded else (synthetic.stored, synthetic.stored_labels)
     image_grid(synthetic.spec.denormalize(images), labels, synthetic.class_names, target, max_per_class)
     out.print(f"wrote {target}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="PNG file to write.  [default: RUN_DIR/plot.png]")
+def plot(run_dir: Path, output: Path | None) -> None:
+    """Draw the loss curve and, if the run was evaluated, accuracy per model beside the random baseline."""
+    from distillkit.pictures import plot_run
+
+    target = output or Path(run_dir) / "plot.png"
+    panels = plot_run(run_dir, target)
+    out.print(f"wrote {target} ({' and '.join(panels)})")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["png-folder", "npz", "pt"]), required=True,
+              help="png-folder: one folder per class (torchvision ImageFolder); npz: uint8 (N,H,W,C) arrays; "
+                   "pt: float [0,1] tensors for torch.load(weights_only=True).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Folder or file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty output.")
+def export(run_dir: Path, fmt: str, output: Path, overwrite: bool) -> None:
+    """Write a run's decoded synthetic images (full size, [0, 1]) with labels and class names."""
+    from distillkit.export import export_run
+
+    synthetic = export_run(run_dir, fmt, output, overwrite=overwrite)
+    out.print(f"wrote {len(synthetic.labels)} images of {len(synthetic.class_names)} classes to {output} ({fmt})")
 
 
 def main() -> None:
