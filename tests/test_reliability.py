@@ -97,8 +97,9 @@ def test_sigkill_then_sigint_then_resume_is_bit_identical(reference: Path, tmp_p
     assert _losses(run_dir) == _losses(reference)  # lines logged after a checkpoint were dropped, then redone
 
 
-def test_class_step_schedule_resumes_bit_identically_after_an_interrupt(tmp_path: Path):
-    """M3D's schedule (one optimizer step per class) keeps momentum across classes: the checkpoint must too."""
+def test_class_step_schedule_resumes_bit_identically_after_an_interrupt_or_an_early_kill(tmp_path: Path):
+    """M3D's schedule (one optimizer step per class) keeps momentum across classes: the checkpoint must too.
+    A run killed before its first checkpoint resumes by starting afresh, to the same result."""
     from distillkit.condense import Interrupted, distill
     from distillkit.config import RunConfig
 
@@ -123,16 +124,14 @@ def test_class_step_schedule_resumes_bit_identically_after_an_interrupt(tmp_path
     assert torch.equal(_images(run_dir), _images(reference))
     assert _losses(run_dir) == _losses(reference)
 
-
-def test_resume_of_a_run_killed_before_its_first_checkpoint_starts_afresh(reference: Path, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    shutil.copy(reference / "config.json", run_dir / "config.json")  # all a run has before its first checkpoint
-    stale = run_dir / ".checkpoint.pt.k1ll3d.tmp"  # an atomic write the kill cut short
+    # killed before its first checkpoint: config.json is all the run has, plus an atomic write cut short
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(reference / "config.json", early / "config.json")
+    stale = early / ".checkpoint.pt.k1ll3d.tmp"
     stale.write_bytes(b"PK\x03\x04half")
-    run_cli("distill", "--resume", run_dir)
-    assert torch.equal(_images(run_dir), _images(reference))
-    assert not stale.exists()
+    run_cli("distill", "--resume", early)
+    assert torch.equal(_images(early), _images(reference)) and not stale.exists()
 
 
 def test_checkpoint_is_self_describing_and_files_follow_the_umask(reference: Path):
