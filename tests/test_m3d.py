@@ -128,6 +128,7 @@ def test_factor_decode_shapes_order_and_gradients(mnist):
     for t, i in [(0, 0), (1, 1), (2, 0), (3, 1)]:
         grad, = torch.autograd.grad(param.decode([5])[0, t * ipc + i].sum(), param.images)
         touched = (grad != 0).nonzero()
+        assert len(touched) == 14 * 14
         assert set(touched[:, 0].tolist()) == {5 * ipc + i}
         row, col = divmod(t, f)
         assert touched[:, 2].min() >= 14 * row and touched[:, 2].max() < 14 * (row + 1)
