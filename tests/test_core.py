@@ -251,3 +251,35 @@ def test_cli_plugins_list_show_and_evaluate(tiny_dm_run: Path, tmp_path: Path):
     assert len(row["accuracies"]) == 2 and row["protocol"] == "smoke" and row["protocol_settings"]["epochs"] == 2
     assert row["seed"] == 0 and all(0 <= a <= 100 for a in row["accuracies"])
     assert (run_dir / "eval.csv").read_text().startswith("model,kind,protocol")
+
+
+def test_class_schedule_equals_one_sgd_step_per_class(mnist):
+    """The batched closed form of M3D's schedule matches C sequential momentum-SGD steps, one per class."""
+    cfg = _tiny_cfg("class", lr_img=0.3)
+    condenser = Condenser(cfg, mnist, torch.device("cpu"))
+    condenser.initialize()
+    images = condenser.param.parameters()[0]
+    target = torch.randn_like(images)
+    num_classes, rows = 10, images.shape[0] // 10
+
+    def class_loss(x: torch.Tensor, c: int) -> torch.Tensor:  # a loss whose gradient depends on where x is
+        block = slice(c * rows, (c + 1) * rows)
+        return ((x[block] - target[block]) ** 3).abs().sum()
+
+    start = images.detach().clone()
+    sequential = start.clone().requires_grad_(True)
+    oracle = torch.optim.SGD([sequential], lr=cfg.lr_img, momentum=cfg.momentum)
+    for _ in range(3):  # three iterations, so momentum carries over between them
+        for c in range(num_classes):
+            oracle.zero_grad()
+            class_loss(sequential, c).backward()
+            oracle.step()
+        # the closed form: move, one backward over all classes, finish
+        condenser._move_to_class_steps()
+        condenser.optimizer.zero_grad()
+        sum(class_loss(images, c) for c in range(num_classes)).backward()
+        condenser._finish_class_steps()
+    assert torch.allclose(images, sequential, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(condenser.optimizer.state[images]["momentum_buffer"], oracle.state[sequential]["momentum_buffer"],
+                          atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(images, start)

@@ -1,0 +1,106 @@
+"""Seconds per condense iteration and peak memory of DM and M3D, with the ratios between variants.
+
+Every variant runs through :class:`distillkit.condense.Condenser` (the real loop). For each input
+(MNIST-size 1x28x28 real MNIST; CIFAR-size 3x32x32 generated ``fake`` data) and IPC, the variants'
+iterations are timed round-robin, so load changes on a shared machine hit all of them alike; the
+median over ``--iterations`` (after one warm-up) is reported with ratios:
+
+* ``ratio_to_dm``: each variant against ``dm`` at the same input and IPC (target: ``m3d`` <= 1.2);
+* ``batched_gain``: the per-class real forward (``real_chunk=1``, the reference codes' shape)
+  against the same method's default one-forward-for-all-classes.
+
+Peak memory: CUDA's ``max_memory_allocated`` per variant (one untimed pass each); on the CPU only the
+process's peak RSS is meaningful, reported once.
+
+    python -m benchmarks.speed [--inputs mnist cifar-size] [--ipc 1 10 50] [--batch-real 256]
+                               [--iterations 3] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+
+import torch
+
+from benchmarks.common import print_table, timed, write_report
+from distillkit import registry
+from distillkit.condense import Condenser, resolve_device
+from distillkit.config import parse_sets, resolve
+from distillkit.data import load_split, resolve_root
+
+INPUTS = {"mnist": ("mnist", []), "cifar-size": ("fake", ["dataset.per_class=300", "dataset.test_per_class=10"])}
+
+#: name -> (method, overrides)
+VARIANTS = {
+    "dm": ("dm", {}),
+    "dm/per-class-real": ("dm", {"real_chunk": 1}),
+    "m3d": ("m3d", {}),
+    "m3d/per-class-real": ("m3d", {"real_chunk": 1}),
+    "dm+mmd": ("dm", {"objective": "mmd"}),
+    "m3d/step=iteration": ("m3d", {"step": "iteration"}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--inputs", nargs="+", default=list(INPUTS), choices=list(INPUTS))
+    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
+    parser.add_argument("--batch-real", type=int, default=256)
+    parser.add_argument("--iterations", type=int, default=3, help="timed iterations per variant (after 1 warm-up)")
+    parser.add_argument("--variants", nargs="+", default=["dm", "dm/per-class-real", "m3d", "m3d/per-class-real"],
+                        choices=list(VARIANTS))
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    registry.load_plugins()
+    rows = []
+    for input_name in args.inputs:
+        dataset, sets = INPUTS[input_name]
+        options = parse_sets(sets)
+        spec = registry.create("datasets", dataset, **options["dataset"])
+        real = load_split(spec, resolve_root(), train=True, device=device)
+        for ipc in args.ipc:
+            condensers = {}
+            for name in args.variants:
+                method, overrides = VARIANTS[name]
+                # every variant matches real batches: M3D's own default is 128, DM's 256
+                cfg = resolve(registry.create("methods", method), dataset, ipc,
+                              {"batch_real": args.batch_real, **overrides}, options)
+                condensers[name] = Condenser(cfg, real, device)
+                condensers[name].initialize()
+            peaks = {}
+            for name, condenser in condensers.items():  # warm-up, and the peak memory of one iteration
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                timed(condenser.step, device, repeats=1, warmup=0)
+                peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+            times: dict[str, list[float]] = {name: [] for name in condensers}
+            for _ in range(args.iterations):
+                for name, condenser in condensers.items():
+                    times[name].append(timed(condenser.step, device, repeats=1, warmup=0)[0])
+            median = {name: statistics.median(t) for name, t in times.items()}
+            for name, condenser in condensers.items():
+                method = VARIANTS[name][0]
+                batched = median.get(method)
+                rows.append({
+                    "input": input_name, "ipc": ipc, "variant": name, "batch_real": condenser.batch_real,
+                    "syn_per_class": min(condenser.param.images_per_class, condenser.cfg.batch_syn or 10**9),
+                    "s_per_iter": median[name], "ratio_to_dm": median[name] / median["dm"] if "dm" in median else None,
+                    "batched_gain": median[name] / batched if name.endswith("per-class-real") and batched else None,
+                    "peak_mib": peaks[name], "times": times[name],
+                })
+                print(f"{input_name} ipc {ipc} {name}: {median[name]:.3f} s/iter", flush=True)
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print_table(rows, ["input", "ipc", "variant", "batch_real", "syn_per_class", "s_per_iter", "ratio_to_dm",
+                       "batched_gain", "peak_mib"],
+                title=f"seconds per condense iteration ({device}); process peak RSS {peak_rss_mib:.0f} MiB")
+    path = write_report("speed", device, rows, {"timed_iterations": args.iterations,
+                                                "process_peak_rss_mib": peak_rss_mib})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
