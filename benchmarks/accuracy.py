@@ -1,0 +1,129 @@
+"""Accuracy of distilled sets beside the published figures and the random-subset baseline.
+
+Runs a grid (method x dataset x IPC) through the real CLI code path (``distillkit distill`` then
+``distillkit evaluate`` with the ``dc-classic`` protocol) and writes
+``benchmarks/results/accuracy-<scale>-<device>.json`` and a markdown table beside it.
+
+Scales:
+
+* ``smoke``: minutes per cell on a CPU: 200 iterations, 64 real images per class, 300 evaluation
+  epochs, 3 runs. Not comparable with the papers; it checks the ordering M3D >= DM > random.
+* ``paper``: the methods' own defaults (DM 20 000 iterations at 256 real images; M3D 5 000 at 128),
+  1000 evaluation epochs, 5 runs. Meant for a GPU.
+
+The random baseline is ``evaluate``'s baseline row (IPC random real images per class, same protocol,
+same evaluation seeds); ``random`` in ``--methods`` reports it as its own row.
+
+    python -m benchmarks.accuracy --scale smoke --datasets mnist fashionmnist --ipc 1 10 --methods random dm m3d
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.common import RESULTS, device_label, print_table, write_report
+from distillkit.cli import cli
+from distillkit.condense import resolve_device
+
+SCALES = {
+    "smoke": {"distill": ["--iterations", "200", "--batch-real", "64"], "epochs": 300, "runs": 3},
+    "paper": {"distill": [], "epochs": 1000, "runs": 5},
+}
+
+#: Published ConvNet-3 test accuracy (%) from method-notes.md section 8: (mean, std or None, verified?)
+PUBLISHED: dict[tuple[str, int], dict[str, tuple[float, float | None, bool]]] = {
+    ("mnist", 1): {"m3d": (94.4, None, False)},
+    ("mnist", 10): {"m3d": (97.6, None, False)},
+    ("mnist", 50): {"m3d": (98.2, None, False)},
+    ("fashionmnist", 1): {"dm": (70.7, None, True), "m3d": (80.7, None, False)},
+    ("fashionmnist", 10): {"dm": (83.5, None, True), "m3d": (86.4, None, False)},
+    ("fashionmnist", 50): {"dm": (88.1, None, True), "m3d": (87.3, None, False)},
+    ("cifar10", 1): {"dm": (26.0, 0.8, True), "m3d": (45.3, 0.3, True)},
+    ("cifar10", 10): {"dm": (48.9, 0.6, True), "m3d": (63.5, 0.2, True)},
+    ("cifar10", 50): {"dm": (63.0, 0.4, True), "m3d": (69.9, 0.5, True)},
+    ("cifar100", 1): {"dm": (11.4, 0.3, True), "m3d": (26.2, 0.3, True)},
+    ("cifar100", 10): {"dm": (29.7, 0.3, True), "m3d": (42.4, 0.2, True)},
+    ("cifar100", 50): {"dm": (43.6, 0.4, True), "m3d": (50.9, 0.7, True)},
+}
+
+
+def _cli(*args: str) -> None:
+    cli.main([str(a) for a in args], prog_name="distillkit", standalone_mode=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", choices=list(SCALES), default="smoke")
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashionmnist"])
+    parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--methods", nargs="+", default=["random", "dm", "m3d"])
+    parser.add_argument("--epochs", type=int, help="override the scale's evaluation epochs")
+    parser.add_argument("--runs", type=int, help="override the scale's evaluation runs")
+    parser.add_argument("--iterations", type=int, help="override the scale's condense iterations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--work", type=Path, default=Path("runs/benchmarks"), help="where run directories go")
+    args = parser.parse_args()
+
+    scale = SCALES[args.scale]
+    epochs, runs = args.epochs or scale["epochs"], args.runs or scale["runs"]
+    device = resolve_device(args.device)
+    distilled = [m for m in args.methods if m != "random"]
+    rows = []
+    for dataset in args.datasets:
+        for ipc in args.ipc:
+            baseline_done = False
+            for method in distilled:
+                run_dir = args.work / args.scale / f"{method}-{dataset}-ipc{ipc}"
+                _cli("distill", "--method", method, "--dataset", dataset, "--ipc", ipc, "--seed", args.seed,
+                     "--device", args.device, "--out", run_dir, "--overwrite", *scale["distill"],
+                     *(["--iterations", args.iterations] if args.iterations else []))
+                with_baseline = "random" in args.methods and not baseline_done
+                _cli("evaluate", run_dir, "--protocol", "dc-classic", "--epochs", epochs, "--runs", runs,
+                     "--device", args.device, "--baseline" if with_baseline else "--no-baseline")
+                baseline_done |= with_baseline
+                report = json.loads((run_dir / "eval.json").read_text())
+                config = json.loads((run_dir / "config.json").read_text())
+                for row in report["results"]:
+                    if row["protocol_settings"]["epochs"] != epochs or row["runs"] != runs:
+                        continue
+                    name = method if row["kind"] == "synthetic" else "random"
+                    published = PUBLISHED.get((dataset, ipc), {}).get(name)
+                    rows.append({
+                        "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"], "std": row["std"],
+                        "accuracies": row["accuracies"], "model": row["model"], "protocol": row["protocol"],
+                        "epochs": epochs, "runs": runs, "seed": args.seed,
+                        **({"iterations": config["iterations"], "batch_real": config["batch_real"],
+                            "lr_img": config["lr_img"]} if name != "random" else {}),
+                        "published": published[0] if published else None,
+                        "published_std": published[1] if published else None,
+                        "published_verified": published[2] if published else None,
+                    })
+    print_table(rows, ["dataset", "ipc", "method", "mean", "std", "published", "iterations", "batch_real"],
+                title=f"accuracy ({args.scale} scale, dc-classic {epochs} epochs x {runs} runs, {device})")
+    name = f"accuracy-{args.scale}"
+    path = write_report(name, device, rows, {"scale": args.scale, "scale_settings": scale})
+    markdown = RESULTS / f"{name}-{device_label(device)}.md"
+    markdown.write_text(render_markdown(rows, args.scale, device_label(device)))
+    print(f"wrote {path} and {markdown}")
+
+
+def render_markdown(rows: list[dict], scale: str, device: str) -> str:
+    lines = [f"Accuracy (%), ConvNet-3, `dc-classic` protocol, {scale} scale, {device}; mean ± std over "
+             f"evaluation runs. Published: method-notes.md (* = not yet verified against the paper).", "",
+             "| dataset | IPC | method | distillkit | published | iterations | real/class |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        published = "–" if r["published"] is None else (
+            f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
+            + ("" if r["published_verified"] else " *"))
+        iterations, real = r.get("iterations", "–"), r.get("batch_real", "–")
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['mean']:.2f} ± {r['std']:.2f} | "
+                     f"{published} | {iterations} | {real} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
