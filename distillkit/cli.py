@@ -189,20 +189,26 @@ def _progress() -> Progress:
 @click.option("--epochs", type=int, help="Override the protocol's training epochs.")
 @click.option("--test-limit", type=int, help="Test on only the first N test images (quick checks).")
 @click.option("--stacked/--sequential", default=None,
-              help="Train the runs of a model together (vmap) or one by one.  [default: stacked]")
+              help="Train the runs of a model together (vmap) or one by one (same numbers).  "
+                   "[default: stacked on GPUs, one by one on the CPU, where stacking is slower]")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the training forward (pays off on long protocols on CUDA).  [default: off]")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also evaluate a random real subset at the same IPC.")
 @click.option("--seed", type=int, help="Evaluation seed.  [default: the run's seed]")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder (else $DISTILLKIT_DATA, else cache).")
-def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, baseline, seed, device, data_root) -> None:
+def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, device,
+             data_root) -> None:
     """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv."""
     from distillkit.condense import resolve_device
     from distillkit.data import resolve_root
     from distillkit.evaluate import evaluate_run, resolve_protocol
+    from distillkit.zoo import known_model
 
-    proto = resolve_protocol(protocol, epochs=epochs, test_limit=test_limit, stacked=stacked)
-    names = registry.plugins()["models"].match([m.strip() for m in models.split(",") if m.strip()])
+    proto = resolve_protocol(protocol, epochs=epochs, test_limit=test_limit, stacked=stacked, compile=compile_)
+    patterns = [m.strip() for m in models.split(",") if m.strip()]
+    names = [known_model(m) for m in registry.plugins()["models"].match(patterns)]  # bad names fail here, at once
     dev = resolve_device(device)
     jobs = len(names) * (2 if baseline else 1)
     with _progress() as progress:

@@ -1,25 +1,55 @@
 """Evaluation: train fresh evaluator networks on a synthetic set, test them on real data.
 
 :class:`TrainingProtocol` is the built-in protocol engine (``dc-classic``,
-``idc`` and ``smoke`` are instances of it). The ``runs`` networks of one
-architecture train *stacked*: their parameters are stacked with
-``torch.func.stack_module_state`` and one ``vmap``-ed ``functional_call``
-trains them together with one optimizer step (SGD is elementwise, so this is
-exactly ``runs`` independent trainings). Each run draws its own init, shuffling,
-augmentation and CutMix from ``(seed, model, run, epoch, batch)`` streams, so the
-stacked path and the run-by-run path see the same numbers. Models whose
-forward mutates buffers in training (BatchNorm's running statistics) cannot
-be vmapped and train run by run.
+``idc`` and ``smoke`` are instances of it; a plugin adds more through
+``register_protocols``). A protocol is data: its :meth:`~TrainingProtocol.settings`
+(every number that changes the result) are stored with each result, and
+results are only compared under equal settings. How the numbers are computed
+(stacked or run by run, compiled, test batch size) is the *engine*, recorded
+apart, because it changes the speed, not the result.
 
-Nothing in the training loop reads a value back to the host: accuracy counts
-accumulate on the device and are read once at the end.
+**Stacked runs.** The ``runs`` networks of one architecture can train
+together: their parameters and buffers are stacked with
+``torch.func.stack_module_state`` and one ``vmap``-ed ``functional_call``
+trains them with one SGD step for all (SGD is elementwise, so this is exactly
+``runs`` independent trainings). Each run draws its own init, shuffling,
+augmentation and CutMix from ``(seed, kind, model, run, block of epochs)``
+streams, so the stacked path and the run-by-run path see the same numbers and
+agree to float rounding. Batch norm stacks too: its running statistics are
+stacked buffers that each run updates in place under vmap. A model whose
+forward vmap cannot run (``.item()`` or data-dependent Python control flow in
+``forward``) trains run by run, with a warning naming the reason; models that
+draw random numbers in training (dropout, stochastic depth) stack with
+independent draws per run, and then agree with the run-by-run path in
+distribution only.
+
+**Default: stacked on accelerators, run by run on the CPU.** On a GPU a step
+on a small synthetic batch is bound by kernel launches, which stacking divides
+by ``runs``. On a CPU the step is bound by arithmetic (a ConvNet-3 step runs
+near the core's peak FLOP rate already), stacking cannot reduce the arithmetic,
+and vmap's batching rules add memory passes (GroupNorm's per-run affine becomes
+separate multiply/add kernels over ``runs``-times larger activations): stacked
+runs measured 7-33% slower than run by run on the 2-core CPU of
+``benchmarks/eval_speed.py``. ``--stacked``/``--sequential`` force either path.
+
+**No host syncs in the loop.** The random numbers of a block of epochs
+(permutations, augmentation and CutMix parameters) are drawn on the CPU from
+the run streams in a few large draws and copied to the device once (pinned,
+non-blocking on CUDA); the synthetic set, its augmentation and the test set stay
+on the device. Nothing is read back until the end: test accuracy counts
+accumulate on the device, and the test set goes through each trained run in
+batches of ``test_batch``.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import functools
 import json
-from dataclasses import asdict, dataclass, field, replace
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -35,48 +65,121 @@ from distillkit.interfaces import ImageSpec, TrainingSet
 from distillkit.seeding import derive_seed, generator, seeded
 from distillkit.zoo import check_model, create_model
 
+#: TrainingProtocol fields that choose how results are computed, not what they are
+ENGINE = ("stacked", "compile", "test_batch")
 
-class _Ensemble:
-    """``runs`` networks of one architecture behind one forward ``(R, B, ...) -> (R, B, classes)``."""
 
-    def __init__(self, models: list[nn.Module], stacked: bool) -> None:
-        self.stacked = stacked
-        if stacked:
-            params, buffers = stack_module_state(models)
-            self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-            self.buffers = buffers
-            self.base = copy.deepcopy(models[0]).to("meta")
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host -> device without stalling the host: from pinned memory, asynchronously, on CUDA."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
-            def one(p: dict, b: dict, x: Tensor) -> Tensor:
-                return functional_call(self.base, (p, b), (x,))
 
-            self._train_fn = torch.vmap(one)
-            self._test_fn = torch.vmap(one, in_dims=(0, 0, None))
-        else:
-            self.models = models
+@functools.cache
+def keep_freed_memory() -> None:
+    """On glibc, keep freed blocks in the process heap instead of giving them back to the kernel.
+
+    CPU training allocates the same large activations every step; glibc serves
+    blocks above 32 MB with a fresh ``mmap`` each time, and the kernel's page
+    faults and zero-fill then cost as much as a third of the step (seen as
+    system time), more for stacked runs whose activations are ``runs`` times
+    larger. Process-wide and idempotent; the heap stays at its peak size.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+class _Stacked:
+    """``R`` networks of one architecture as one vmapped functional model: ``(R, B, ...) -> (R, B, classes)``."""
+
+    def __init__(self, models: list[nn.Module], compile: bool) -> None:
+        params, buffers = stack_module_state(models)
+        self.runs = len(models)
+        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        self.buffers = buffers  # batch-norm statistics: one slice per run, updated in place under vmap
+        self.base = copy.deepcopy(models[0]).to("meta")  # structure only; every tensor comes from the stacks
+        step = torch.vmap(self._call, randomness="different")
+        self._step = torch.compile(step) if compile else step
+
+    def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        """Why vmap cannot run this model (None if it can): a no-grad forward on blank inputs of ``shape``."""
+        xs = torch.zeros(self.runs, *shape, device=next(iter(self.params.values())).device)
+        scratch = {k: v.clone() for k, v in self.buffers.items()}  # leave the real statistics untouched
+        try:
+            with torch.no_grad():
+                torch.vmap(self._call, randomness="different")(self.params, scratch, xs)
+        except Exception as exc:  # vmap raises several types for unsupported forwards
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return None
 
     def parameters(self) -> list[Tensor]:
-        return list(self.params.values()) if self.stacked else [p for m in self.models for p in m.parameters()]
+        return list(self.params.values())
 
     def train(self, mode: bool) -> None:
-        for m in [self.base] if self.stacked else self.models:
-            m.train(mode)
+        self.base.train(mode)
 
     def forward(self, xs: Tensor) -> Tensor:
-        if self.stacked:
-            return self._train_fn(self.params, self.buffers, xs)
-        return torch.stack([m(x) for m, x in zip(self.models, xs)])
+        return self._step(self.params, self.buffers, xs)
 
-    def forward_shared(self, x: Tensor) -> Tensor:
-        """The same input through every run: ``(B, ...) -> (R, B, classes)``."""
-        if self.stacked:
-            return self._test_fn(self.params, self.buffers, x)
-        return torch.stack([m(x) for m in self.models])
+    def forward_run(self, r: int, x: Tensor) -> Tensor:
+        """Run ``r`` alone on ``x`` (test time: large batches, no vmap needed)."""
+        return self._call({k: v[r] for k, v in self.params.items()}, {k: v[r] for k, v in self.buffers.items()}, x)
 
 
-def stackable(model: nn.Module) -> bool:
-    """vmap cannot train modules that update buffers in place (BatchNorm running stats)."""
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+class _Single:
+    """One plain network behind the same interface (``R = 1``): the run-by-run path."""
+
+    def __init__(self, model: nn.Module, compile: bool) -> None:
+        self.model = model
+        self._step = torch.compile(model) if compile else model
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.model.parameters())
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def forward(self, xs: Tensor) -> Tensor:
+        return self._step(xs[0]).unsqueeze(0)
+
+    def forward_run(self, r: int, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+#: random numbers are drawn for this many sample-epochs at once (fewer, larger host draws; a pure
+#: function of the set size, so results never depend on the device)
+DRAW_SAMPLES = 16384
+MAX_DRAW_EPOCHS = 32
+
+
+def epochs_per_draw(n: int) -> int:
+    return max(1, min(MAX_DRAW_EPOCHS, DRAW_SAMPLES // n))
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """The random numbers of ``K`` consecutive epochs for ``R`` runs, on the device.
+
+    Drawn on the CPU from each run's streams ``(seed, kind, model, run, block)``.
+    """
+
+    order: Tensor  # (R, K, n) sample index at each position of each epoch
+    group: Tensor  # (R, K, n) augmentation group of each position: r * K * n + k * n + j
+    augment: AugmentParams | None  # one group per (run, epoch, position)
+    mix: Tensor | None  # (R, K, n) CutMix partner position (inside the same batch)
+    box: Tensor | None  # (R, K, batches, 4) CutMix box y0, y1, x0, x1 (empty where CutMix is off)
+    kept: Tensor | None  # (R, K, batches) weight of the own label (1 where CutMix is off)
 
 
 @dataclass(frozen=True)
@@ -85,7 +188,10 @@ class TrainingProtocol:
 
     ``milestones`` are fractions of ``epochs`` at which the lr is multiplied by
     ``gamma``; with ``restart_optimizer`` the optimizer is re-created there (the
-    DM reference does this, dropping the momentum buffer).
+    DM reference does this, dropping the momentum buffer). The last three
+    fields are the engine (see :data:`ENGINE`): ``stacked`` trains the runs
+    together, ``compile`` wraps the training forward in ``torch.compile``,
+    ``test_batch`` is the test-time batch.
     """
 
     name: str
@@ -102,24 +208,34 @@ class TrainingProtocol:
     cutmix_prob: float = 0.0
     cutmix_beta: float = 1.0
     test_limit: int | None = None
+    stacked: bool | None = None
+    compile: bool = False
     test_batch: int = 1000
-    stacked: bool = True
     description: str = field(default="", compare=False)
 
     def settings(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("description")
+        """Every setting that changes the result (stored with each result; the engine is not among them)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ENGINE and k != "description"}
         out["milestones"] = list(self.milestones)
         return out
 
+    def stacks_on(self, device: torch.device | str) -> bool:
+        """Whether runs train stacked on ``device``: ``stacked``, or by default on accelerators only."""
+        return self.stacked if self.stacked is not None else torch.device(device).type != "cpu"
+
+    def engine(self, device: torch.device | str) -> dict[str, Any]:
+        """How results are computed on ``device`` (recorded beside the settings)."""
+        return {**{k: getattr(self, k) for k in ENGINE}, "stacked": self.stacks_on(device)}
+
     def with_overrides(self, **overrides: Any) -> "TrainingProtocol":
         given = {k: v for k, v in overrides.items() if v is not None}
-        unknown = sorted(set(given) - set(self.settings()))
+        valid = [f.name for f in fields(self) if f.name not in ("name", "description")]
+        unknown = sorted(set(given) - set(valid))
         if unknown:
-            raise UsageError(f"protocol {self.name!r} has no setting {unknown[0]!r}; settings: "
-                             f"{', '.join(self.settings())}")
-        if given.get("epochs", self.epochs) < 1:
-            raise UsageError(f"--epochs must be positive, got {given['epochs']}")
+            raise UsageError(f"protocol {self.name!r} has no setting {unknown[0]!r}; settings: {', '.join(valid)}")
+        for key in ("epochs", "batch_size", "test_batch", "test_limit"):
+            if key in given and given[key] < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be positive, got {given[key]}")
         return replace(self, **given)
 
     # -- the engine ------------------------------------------------------
@@ -128,93 +244,130 @@ class TrainingProtocol:
         if runs < 1:
             raise UsageError(f"--runs must be positive, got {runs}")
         device = torch.device(device)
+        if device.type == "cpu":
+            keep_freed_memory()
         models = []
         for r in range(runs):
             with seeded(seed, "eval-init", model, r):
                 models.append(create_model(model, spec).to(device))
-        if self.stacked and stackable(models[0]):
-            return self._train_and_test(_Ensemble(models, True), list(range(runs)), train, test, seed, model)
+        if self.stacks_on(device):
+            stacked = _Stacked(models, self.compile)
+            why = stacked.check((2, spec.channels, spec.height, spec.width))
+            if why is None:
+                return self._train_and_test(stacked, list(range(runs)), train, test, seed, model)
+            warnings.warn(f"{model}: vmap cannot run its forward ({why}); training the runs one by one", stacklevel=2)
         return [acc for r, m in enumerate(models)
-                for acc in self._train_and_test(_Ensemble([m], False), [r], train, test, seed, model)]
+                for acc in self._train_and_test(_Single(m, self.compile), [r], train, test, seed, model)]
 
-    def _train_and_test(self, ens: _Ensemble, run_ids: list[int], train: TrainingSet, test: TrainingSet,
+    def _train_and_test(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, test: TrainingSet,
                         seed: int, model: str) -> list[float]:
+        # Dropout-like layers draw from torch's global generator: seed it from the runs, never from leftover state.
+        with seeded(seed, "eval-train", model, *run_ids):
+            self._train(net, run_ids, train, seed, model)
+        return self._test(net, len(run_ids), test)
+
+    def _train(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, seed: int, model: str) -> None:
         aug = Augment(self.augment, self.augment_strategy)
+        device = train.images.device
         n = train.images.shape[0]
-        h, w = train.images.shape[-2:]
+        bounds = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+        per_draw = epochs_per_draw(n)
         milestones = sorted({int(round(m * self.epochs)) for m in self.milestones})
-        make_opt = lambda lr: torch.optim.SGD(ens.parameters(), lr=lr, momentum=self.momentum,  # noqa: E731
+        make_opt = lambda lr: torch.optim.SGD(net.parameters(), lr=lr, momentum=self.momentum,  # noqa: E731
                                               weight_decay=self.weight_decay)
         lr = self.lr
         optimizer = make_opt(lr)
-        ens.train(True)
+        net.train(True)
         for epoch in range(self.epochs):
             if epoch in milestones:
                 lr *= self.gamma
                 if self.restart_optimizer:
                     optimizer = make_opt(lr)
                 else:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-            perms = torch.stack([torch.randperm(n, generator=generator(seed, "eval-shuffle", model, r, epoch))
-                                 for r in run_ids]).to(train.images.device)
-            for b, idx in enumerate(perms.split(self.batch_size, dim=1)):
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+            k = epoch % per_draw
+            if k == 0:
+                draws = self._draw(aug, run_ids, seed, model, epoch // per_draw, min(per_draw, self.epochs - epoch),
+                                   train.images.shape[-2:], bounds, device)
+            for b, (s, e) in enumerate(bounds):
+                idx = draws.order[:, k, s:e]
                 xs, ys = train.images[idx], train.labels[idx]  # (R, B, ...)
-                keys = [(seed, "eval-augment", model, r, epoch, b) for r in run_ids]
-                xs = self._augment(aug, xs, keys, h, w)
-                xs, ys_other, lam = self._cutmix(xs, ys, keys)
-                logits = ens.forward(xs).flatten(0, 1)
+                if draws.augment is not None:
+                    xs = aug.apply(xs.flatten(0, 1), draws.augment, draws.group[:, k, s:e].flatten()).view_as(xs)
+                if draws.mix is not None:
+                    xs, ys_other, kept = self._cutmix(xs, ys, draws, k, b, s, e)
+                logits = net.forward(xs).flatten(0, 1)
                 ce = lambda t: F.cross_entropy(logits, t.flatten(), reduction="none").view(t.shape)  # noqa: E731
-                # sum over runs of each run's mean loss, so each run's gradient is its own
-                loss = (lam * ce(ys) + (1 - lam) * ce(ys_other)).mean(1).sum() if lam is not None \
-                    else ce(ys).mean(1).sum()
+                # the sum over runs of each run's mean loss: each run's gradient is its own
+                loss = ((kept * ce(ys) + (1 - kept) * ce(ys_other)) if draws.mix is not None else ce(ys)).mean(1).sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-        return self._test(ens, test)
 
-    def _augment(self, aug: Augment, xs: Tensor, keys: list[tuple], h: int, w: int) -> Tensor:
-        r, b = xs.shape[:2]
-        if aug.mode == "none":
-            return xs
-        drawn = [aug.draw(b, generator(*k), h, w) for k in keys]
-        params = AugmentParams(**{f: torch.cat([getattr(p, f) for p in drawn]) for f in drawn[0].__dict__})
-        return aug.apply(xs.flatten(0, 1), params, torch.arange(r * b)).view_as(xs)
-
-    def _cutmix(self, xs: Tensor, ys: Tensor, keys: list[tuple]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Per run, with probability ``cutmix_prob``, paste a box of a shuffled batch; label weight = kept area."""
+    def _draw(self, aug: Augment, run_ids: list[int], seed: int, model: str, block: int, epochs: int,
+              hw: tuple[int, int], bounds: list[tuple[int, int]], device: torch.device) -> _Draws:
+        """The random numbers of ``epochs`` epochs starting at ``block * epochs_per_draw(n)``, one stream per run."""
+        h, w = hw
+        n = bounds[-1][1]
+        order = torch.stack([torch.rand(epochs, n, generator=generator(seed, "eval-shuffle", model, r, block))
+                             .argsort(dim=1) for r in run_ids])
+        group = torch.arange(order.numel(), device=device).view(order.shape)
+        params = None
+        if aug.mode != "none":
+            drawn = [aug.draw(epochs * n, generator(seed, "eval-augment", model, r, block), h, w) for r in run_ids]
+            params = AugmentParams(**{f: _to_device(torch.cat([getattr(p, f) for p in drawn]), device)
+                                      for f in drawn[0].__dict__})
         if self.cutmix_prob <= 0:
-            return xs, ys, None
-        r, b, _, h, w = xs.shape
-        rngs = [np.random.default_rng(derive_seed(*k, "cutmix")) for k in keys]
-        apply = torch.tensor([g.random() < self.cutmix_prob for g in rngs])
-        lam = torch.tensor([g.beta(self.cutmix_beta, self.cutmix_beta) for g in rngs], dtype=torch.float32)
-        perm = torch.stack([torch.from_numpy(g.permutation(b)) for g in rngs]).to(xs.device)
-        centre = torch.tensor([[g.integers(h), g.integers(w)] for g in rngs])
-        cut = (1 - lam).sqrt()
-        half_h, half_w = (cut * h).long() // 2, (cut * w).long() // 2
-        y0, y1 = (centre[:, 0] - half_h).clamp(0, h), (centre[:, 0] + half_h).clamp(0, h)
-        x0, x1 = (centre[:, 1] - half_w).clamp(0, w), (centre[:, 1] + half_w).clamp(0, w)
-        kept = torch.where(apply, 1 - ((y1 - y0) * (x1 - x0)).float() / (h * w), torch.ones(r))
-        rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
-        box = ((rows >= y0.view(r, 1, 1)) & (rows < y1.view(r, 1, 1)) & (cols >= x0.view(r, 1, 1))
-               & (cols < x1.view(r, 1, 1)) & apply.view(r, 1, 1)).to(xs.device)
-        shuffled = torch.gather(xs, 1, perm.view(r, b, 1, 1, 1).expand_as(xs))
+            return _Draws(_to_device(order, device), group, params, None, None, None)
+        mix, box, kept = zip(*(self._draw_cutmix(np.random.default_rng(derive_seed(seed, "eval-cutmix", model, r,
+                                                                                    block)), epochs, h, w, bounds)
+                               for r in run_ids))
+        as_device = lambda arrays: _to_device(torch.from_numpy(np.stack(arrays)), device)  # noqa: E731
+        return _Draws(_to_device(order, device), group, params, as_device(mix), as_device(box),
+                      as_device(kept).float())
+
+    def _draw_cutmix(self, rng: np.random.Generator, epochs: int, h: int, w: int, bounds: list[tuple[int, int]]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per epoch and batch, with probability ``cutmix_prob``: a box of area ``1 - lam`` (lam ~ Beta(beta, beta))
+        at a uniform centre, and a partner order inside the batch."""
+        shape = (epochs, len(bounds))
+        apply = rng.random(shape) < self.cutmix_prob
+        lam = rng.beta(self.cutmix_beta, self.cutmix_beta, shape)
+        cy, cx = rng.integers(h, size=shape), rng.integers(w, size=shape)
+        partner = np.stack([np.concatenate([s + rng.permutation(e - s) for s, e in bounds]) for _ in range(epochs)])
+        cut = np.sqrt(1 - lam)
+        half_h, half_w = (cut * h).astype(np.int64) // 2, (cut * w).astype(np.int64) // 2
+        box = np.stack([np.clip(cy - half_h, 0, h), np.clip(cy + half_h, 0, h),
+                        np.clip(cx - half_w, 0, w), np.clip(cx + half_w, 0, w)], -1) * apply[..., None]
+        kept = 1 - (box[..., 1] - box[..., 0]) * (box[..., 3] - box[..., 2]) / (h * w)
+        return partner, box, kept
+
+    @staticmethod
+    def _cutmix(xs: Tensor, ys: Tensor, draws: _Draws, k: int, b: int, s: int, e: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Paste each run's box from its partner images; returns images, partner labels, own-label weights."""
+        r, size, _, h, w = xs.shape
+        partner = draws.mix[:, k, s:e] - s  # (R, B) positions inside this batch
+        y0, y1, x0, x1 = (v.view(r, 1, 1) for v in draws.box[:, k, b].unbind(-1))
+        rows = torch.arange(h, device=xs.device).view(1, h, 1)
+        cols = torch.arange(w, device=xs.device).view(1, 1, w)
+        box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        shuffled = torch.gather(xs, 1, partner.view(r, size, 1, 1, 1).expand_as(xs))
         mixed = torch.where(box.view(r, 1, 1, h, w), shuffled, xs)
-        return mixed, torch.gather(ys, 1, perm), kept.to(xs.device).view(r, 1)
+        return mixed, torch.gather(ys, 1, partner), draws.kept[:, k, b].view(r, 1)
 
     @torch.no_grad()
-    def _test(self, ens: _Ensemble, test: TrainingSet) -> list[float]:
-        ens.train(False)
+    def _test(self, net: _Stacked | _Single, runs: int, test: TrainingSet) -> list[float]:
+        net.train(False)
         images, labels = test.images, test.labels
         if self.test_limit is not None:
             images, labels = images[: self.test_limit], labels[: self.test_limit]
-        correct = None
-        for x, y in zip(images.split(self.test_batch), labels.split(self.test_batch)):
-            hits = (ens.forward_shared(x).argmax(-1) == y).sum(1)
-            correct = hits if correct is None else correct + hits
-        assert correct is not None
-        return (correct.double() * 100.0 / len(labels)).tolist()
+        correct = torch.zeros(runs, dtype=torch.long, device=labels.device)
+        for r in range(runs):
+            for x, y in zip(images.split(self.test_batch), labels.split(self.test_batch)):
+                correct[r] += (net.forward_run(r, x).argmax(-1) == y).sum()
+        return (correct.double() * 100.0 / len(labels)).tolist()  # the one read-back
 
 
 def summarize(accuracies: Sequence[float]) -> tuple[float, float]:
@@ -283,8 +436,10 @@ def evaluate_run(run_dir: Path, *, protocol: Any, models: Sequence[str], runs: i
             rows.append({"model": model, "kind": kind, "protocol": protocol.name, "accuracies": accuracies,
                          "mean": mean, "std": std, "runs": runs, "seed": seed, "train_images": len(train.labels)})
     settings = protocol.settings()
+    engine = protocol.engine(device) if hasattr(protocol, "engine") else {}
     for row in rows:
         row["protocol_settings"] = settings
+        row["engine"] = engine
 
     path = Path(run_dir) / "eval.json"
     previous = json.loads(path.read_text()) if path.exists() else {"results": []}

@@ -8,21 +8,22 @@ then ``width * (32 / 2**depth)**2`` for both 28 and 32 pixels.
 
 from __future__ import annotations
 
-
-from timm.models import register_model
 from torch import Tensor, nn
+
+from distillkit.zoo.registration import variant
 
 NORMS = ("instance", "batch", "layer", "none")
 POOLS = ("avg", "max", "none")
 
 
-def _norm(kind: str, channels: int, size: int) -> nn.Module:
+def norm_layer(kind: str, channels: int, size: int | tuple[int, int]) -> nn.Module:
+    """``kind`` normalisation of ``channels`` maps of side ``size`` (layer norm needs the size)."""
     if kind == "instance":
         return nn.GroupNorm(channels, channels, affine=True)
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "layer":
-        return nn.LayerNorm([channels, size, size])
+        return nn.LayerNorm([channels, *((size, size) if isinstance(size, int) else size)])
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; choose one of: {', '.join(NORMS)}")
@@ -40,7 +41,7 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         channels = in_chans
         for i in range(depth):
-            layers += [nn.Conv2d(channels, width, 3, padding=pad_first if i == 0 else 1), _norm(norm, width, size),
+            layers += [nn.Conv2d(channels, width, 3, padding=pad_first if i == 0 else 1), norm_layer(norm, width, size),
                        nn.ReLU(inplace=True)]
             if pooling != "none":
                 layers.append(nn.AvgPool2d(2) if pooling == "avg" else nn.MaxPool2d(2))
@@ -62,34 +63,13 @@ class ConvNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-_TIMM_ONLY = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
-
-
-def _build(pretrained: bool = False, **kwargs) -> ConvNet:
-    if pretrained:
-        raise ValueError("ConvNet has no pretrained weights")
-    for key in _TIMM_ONLY:
-        kwargs.pop(key, None)
-    return ConvNet(**kwargs)
-
-
-def _variant(name: str, doc: str, **defaults):
-    def factory(pretrained: bool = False, **kwargs) -> ConvNet:
-        return _build(pretrained, **{**defaults, **kwargs})
-
-    factory.__name__ = name
-    factory.__qualname__ = name
-    factory.__doc__ = doc
-    factory.__module__ = __name__
-    return register_model(factory)
-
-
 VARIANTS = {
-    f"convnet{d}": _variant(f"convnet{d}", f"ConvNet, depth {d}, width 128, instance norm, avg pool", depth=d)
+    f"convnet{d}": variant(f"convnet{d}", ConvNet, f"ConvNet, depth {d}, width 128, instance norm, avg pool", __name__,
+                           depth=d)
     for d in (1, 2, 3, 4, 5)
 }
 VARIANTS.update({
-    f"convnet3_{suffix}": _variant(f"convnet3_{suffix}", f"ConvNet-3 with {doc}", **kw)
+    f"convnet3_{suffix}": variant(f"convnet3_{suffix}", ConvNet, f"ConvNet-3 with {doc}", __name__, **kw)
     for suffix, doc, kw in [
         ("bn", "batch norm", {"norm": "batch"}),
         ("ln", "layer norm", {"norm": "layer"}),

@@ -1,0 +1,211 @@
+"""Evaluation engine: stacked runs equal run-by-run runs, no device read-back while training, protocols are data
+(settings in every result, third-party protocols through a plugin), the CLI globs models and adds baselines."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillkit import registry
+from distillkit.errors import UsageError
+from distillkit.evaluate import _Single, _Stacked, random_subset, resolve_protocol
+from distillkit.interfaces import TrainingSet
+from distillkit.seeding import seeded
+from distillkit.zoo import create_model
+
+from tests.conftest import DATA, run_cli
+
+FALLBACK = "vmap cannot run"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny batches: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    from distillkit.data import load_split
+
+    dataset = registry.create("datasets", "mnist")
+    real = load_split(dataset, DATA, train=True)
+    test = load_split(dataset, DATA, train=False).as_training_set()
+    return dataset.image_spec, random_subset(real, 2, seed=5), TrainingSet(test.images[:300], test.labels[:300])
+
+
+@pytest.mark.parametrize("protocol,model", [("dc-classic", "convnet3_w32"), ("idc", "convnet3_w32"),
+                                            ("dc-classic", "convnet3_bn")])
+def test_stacked_and_sequential_runs_agree(mnist, protocol, model):
+    """Same seeds -> same trained weights (to float rounding) and the same test accuracies, CutMix and batch norm
+    included; 20 images in batches of 8 exercise the partial last batch."""
+    spec, train, test = mnist
+    proto = resolve_protocol(protocol, epochs=3, batch_size=8)
+    models = []
+    for r in range(3):
+        with seeded(1, "init", r):
+            models.append(create_model(model, spec))
+    stacked = _Stacked(copy.deepcopy(models), compile=False)
+    proto._train(stacked, [0, 1, 2], train, 1, model)
+    for r, m in enumerate(models):
+        proto._train(_Single(m, compile=False), [r], train, 1, model)
+        for name, p in m.named_parameters():
+            torch.testing.assert_close(stacked.params[name][r], p.detach(), atol=2e-4, rtol=1e-3)
+        for name, b in m.named_buffers():  # batch-norm running statistics moved alike
+            torch.testing.assert_close(stacked.buffers[name][r], b, atol=2e-4, rtol=1e-3)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        together = proto.with_overrides(stacked=True).evaluate(model, train, test, spec, 3, 1, "cpu")
+    assert not [w for w in caught if FALLBACK in str(w.message)]  # the stacked path really ran
+    one_by_one = proto.with_overrides(stacked=False).evaluate(model, train, test, spec, 3, 1, "cpu")
+    assert max(abs(a - b) for a, b in zip(together, one_by_one)) <= 100 / len(test.labels) + 1e-9
+    assert all(a > 10 for a in together)  # 3 epochs on 20 real digits already beat chance
+
+
+@pytest.mark.parametrize("protocol", ["dc-classic", "idc"])
+def test_training_loop_never_reads_the_device_back(protocol):
+    """On the meta device any read-back (.item(), .tolist(), bool(), data-dependent shapes) raises: training there
+    proves the loop only queues work for the device."""
+    spec = registry.create("datasets", "mnist").image_spec
+    train = TrainingSet(torch.randn(20, 1, 28, 28, device="meta"), torch.zeros(20, dtype=torch.long, device="meta"))
+    proto = resolve_protocol(protocol, epochs=2, batch_size=8)
+    models = [create_model("convnet3_w32", spec).to("meta") for _ in range(2)]
+    proto._train(_Stacked(models, compile=False), [0, 1], train, 0, "convnet3_w32")
+    proto._train(_Single(models[0], compile=False), [0], train, 0, "convnet3_w32")
+    with pytest.raises(Exception):  # the probe works: a read-back on meta fails
+        torch.zeros(1, device="meta").item()
+
+
+ITEM_NET = '''
+import torch
+from torch import nn
+from distillkit import hookimpl
+
+
+class ItemNet(nn.Module):
+    """Its forward reads a value back (.item()), which vmap cannot batch."""
+
+    def __init__(self, num_classes=10, in_chans=1, img_size=28):
+        super().__init__()
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        self.fc = nn.Linear(in_chans * h * w, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) / max(1.0, x.abs().max().item())
+
+
+@hookimpl
+def register_models(register):
+    register("itemnet", ItemNet)
+'''
+
+
+def test_a_model_vmap_cannot_run_trains_run_by_run(mnist, tmp_path):
+    spec, train, test = mnist
+    (tmp_path / "itemnet.py").write_text(ITEM_NET)
+    registry.load_plugins(tmp_path)
+    proto = resolve_protocol("smoke", epochs=2)
+    with pytest.warns(UserWarning, match=f"itemnet: {FALLBACK}"):
+        fallback = proto.with_overrides(stacked=True).evaluate("itemnet", train, test, spec, 2, 0, "cpu")
+    assert fallback == proto.with_overrides(stacked=False).evaluate("itemnet", train, test, spec, 2, 0, "cpu")
+
+
+def test_protocol_settings_and_engine_are_kept_apart():
+    proto = resolve_protocol("dc-classic", epochs=7, stacked=True)
+    settings = proto.settings()
+    assert settings["epochs"] == 7 and settings["lr"] == 0.01 and settings["milestones"] == [0.5]
+    assert not {"stacked", "compile", "test_batch"} & set(settings)
+    assert proto.engine("cpu")["stacked"] is True
+    assert resolve_protocol("dc-classic").engine("cpu")["stacked"] is False  # default: run by run on the CPU
+    assert resolve_protocol("dc-classic").engine("cuda")["stacked"] is True
+    with pytest.raises(UsageError, match="has no setting 'epoch'"):
+        resolve_protocol("dc-classic", epoch=3)
+    with pytest.raises(UsageError, match="--epochs must be positive"):
+        resolve_protocol("smoke", epochs=0)
+
+
+def test_cli_evaluate_globs_models_records_settings_and_baselines(tiny_dm_run, tmp_path):
+    run_dir = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(tiny_dm_run, run_dir)
+    args = ["evaluate", run_dir, "--protocol", "smoke", "--models", "convnet3_w3*,lenet", "--runs", "2",
+            "--test-limit", "200", "--device", "cpu"]
+    out = run_cli(*args, "--epochs", "2").output
+    assert "convnet3_w32" in out and "lenet" in out and "random baseline" in out
+
+    report = json.loads((run_dir / "eval.json").read_text())
+    rows = report["results"]
+    assert {(r["model"], r["kind"]) for r in rows} == {(m, k) for m in ("convnet3_w32", "lenet")
+                                                         for k in ("synthetic", "random-baseline")}
+    smoke = registry.create("protocols", "smoke").settings()
+    for row in rows:
+        assert row["protocol"] == "smoke" and row["protocol_settings"] == {**smoke, "epochs": 2, "test_limit": 200}
+        assert row["engine"]["stacked"] is False and len(row["accuracies"]) == 2 and row["train_images"] == 10
+    csv = (run_dir / "eval.csv").read_text().splitlines()
+    assert csv[0].startswith("model,kind,protocol") and len(csv) == 5
+
+    # the same protocol computed stacked replaces those rows, with the same numbers
+    run_cli(*args, "--epochs", "2", "--stacked")
+    again = json.loads((run_dir / "eval.json").read_text())["results"]
+    assert len(again) == 4 and all(r["engine"]["stacked"] for r in again)
+    before = {(r["model"], r["kind"]): r["accuracies"] for r in rows}
+    for r in again:
+        assert max(abs(a - b) for a, b in zip(r["accuracies"], before[(r["model"], r["kind"])])) <= 0.5 + 1e-9
+    # other settings are another protocol: kept side by side
+    run_cli(*args, "--epochs", "3")
+    assert len(json.loads((run_dir / "eval.json").read_text())["results"]) == 8
+
+
+NEAREST_MEAN = '''
+import torch
+from distillkit import hookimpl
+
+
+class NearestMean:
+    """Classify test images by the nearest class mean of the synthetic images (pixel space): no training."""
+
+    name = "nearest-mean"
+
+    def settings(self):
+        return {"space": "pixels", "metric": "euclidean"}
+
+    def evaluate(self, model, train, test, spec, runs, seed, device):
+        means = torch.stack([train.images[train.labels == c].mean(0) for c in range(spec.num_classes)]).flatten(1)
+        guess = torch.cdist(test.images.flatten(1), means).argmin(1)
+        return [float((guess == test.labels).double().mean() * 100)] * runs
+
+
+@hookimpl
+def register_protocols(register):
+    register("nearest-mean", NearestMean())
+'''
+
+
+def test_a_third_party_protocol_plugs_in(tiny_dm_run, tmp_path):
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "ncm.py").write_text(NEAREST_MEAN)
+    run_dir = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(tiny_dm_run, run_dir)
+    listed = run_cli("--plugins-dir", plugins, "list", "protocols").output
+    assert "nearest-mean" in listed and "ncm" in listed
+    run_cli("--plugins-dir", plugins, "evaluate", run_dir, "--protocol", "nearest-mean", "--runs", "2",
+            "--device", "cpu")
+    rows = json.loads((Path(run_dir) / "eval.json").read_text())["results"]
+    assert {r["kind"] for r in rows} == {"synthetic", "random-baseline"}
+    for row in rows:
+        assert row["protocol"] == "nearest-mean" and row["protocol_settings"] == {"space": "pixels",
+                                                                                   "metric": "euclidean"}
+        assert row["engine"] == {} and len(row["accuracies"]) == 2 and row["mean"] > 10  # above chance

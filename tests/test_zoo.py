@@ -1,0 +1,117 @@
+"""The model zoo: every registered evaluator and a timm-native model build for 1/3 channels at 28/32 pixels,
+train one step, embed; names resolve distillkit-first without shadowing timm; bad names and sizes fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from distillkit import registry
+from distillkit.errors import UsageError
+from distillkit.interfaces import ImageSpec
+from distillkit.zoo import Resized, check_model, create_model, embed
+from distillkit.zoo.classic import ResNet
+
+from tests.conftest import run_cli
+
+SPECS = [ImageSpec(c, s, s, 7, (0.5,) * c, (0.25,) * c) for c in (1, 3) for s in (28, 32)]
+ZOO = registry.plugins()["models"].names()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Two-image batches: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _one_step(model: torch.nn.Module, spec: ImageSpec) -> None:
+    """Forward two images, check logits and embedding shapes, backward, and see every parameter get a gradient."""
+    x = torch.randn(2, spec.channels, spec.height, spec.width)
+    logits = model(x)
+    assert logits.shape == (2, spec.num_classes)
+    F.cross_entropy(logits, torch.tensor([0, spec.num_classes - 1])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing[:3]}"
+    features = embed(model, x)
+    assert features.ndim == 2 and features.shape[0] == 2 and features.shape[1] > 0
+
+
+def test_the_zoo_has_the_classic_evaluators():
+    assert {"convnet3", "convnet3_bn", "mlp", "lenet", "alexnet", "alexnet_bn", "vgg11", "vgg11_bn", "resnet18",
+            "resnet18_in"} <= set(ZOO)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_every_zoo_model_trains_on_1_and_3_channels_at_28_and_32_pixels(name):
+    torch.manual_seed(0)
+    for spec in SPECS:
+        model = create_model(name, spec)
+        _one_step(model, spec)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "resnet18.a1_in1k"])
+def test_a_timm_native_model_is_resized_and_trains(name):
+    for spec in SPECS[:1] + SPECS[-1:]:  # 1x28 and 3x32
+        model = create_model(name, spec)
+        assert isinstance(model, Resized) and model.size == (224, 224)
+        seen = []
+        inner = model.model.forward_features
+        model.model.forward_features = lambda x: seen.append(tuple(x.shape)) or inner(x)
+        _one_step(model, spec)
+        assert seen[0] == (2, spec.channels, 224, 224)  # the adapter resized, the channels came through
+
+
+def test_distillkit_names_win_and_timm_keeps_its_own():
+    spec = SPECS[0]
+    ours = create_model("resnet18", spec)
+    assert isinstance(ours, ResNet) and isinstance(ours.stem[1], torch.nn.BatchNorm2d)
+    assert isinstance(create_model("resnet18_in", spec).stem[1], torch.nn.GroupNorm)
+    # timm's resnet18 (and its tagged weights' architecture) are untouched; ours lives there as dk_resnet18
+    assert type(timm.create_model("resnet18", pretrained=False)).__module__ == "timm.models.resnet"
+    assert isinstance(create_model("resnet18.a1_in1k", spec).model, timm.models.ResNet)
+    assert isinstance(timm.create_model("dk_resnet18", num_classes=7, in_chans=1, img_size=28), ResNet)
+    assert isinstance(create_model("dk_resnet18", spec), ResNet)
+    # names timm did not have go in under their own name
+    assert timm.create_model("lenet", num_classes=7, in_chans=1, img_size=28)(torch.zeros(1, 1, 28, 28)).shape == (1, 7)
+    assert timm.create_model("convnet3", num_classes=7, in_chans=1, img_size=28)(torch.zeros(1, 1, 28, 28)).shape \
+        == (1, 7)
+
+
+def test_same_seed_same_weights():
+    from distillkit.seeding import seeded
+
+    weights = []
+    for _ in range(2):
+        with seeded(3, "init"):
+            weights.append(create_model("lenet", SPECS[0]).state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_unknown_model_names_fail_with_the_choices():
+    with pytest.raises(UsageError) as err:
+        create_model("resnet19", SPECS[0])
+    message = str(err.value)
+    assert "unknown model 'resnet19'" in message and "resnet18" in message and "convnet3" in message
+    assert "timm" in message and "\n" not in message
+
+
+def test_a_model_that_cannot_take_the_images_fails_clearly():
+    tiny = ImageSpec(1, 8, 8, 10, (0.5,), (0.25,))
+    with pytest.raises(UsageError, match=r"model 'lenet' cannot take 1x8x8 images"):
+        check_model("lenet", tiny)
+
+
+def test_cli_unknown_model_exits_2_with_one_line(tiny_dm_run):
+    result = run_cli("evaluate", tiny_dm_run, "--models", "convnet3,nosuchnet", "--device", "cpu", expect=2)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "unknown model 'nosuchnet'" in lines[0]
+
+
+def test_cli_lists_the_zoo_with_a_filter():
+    out = run_cli("list", "models", "--filter", "resnet*").output
+    assert "resnet18" in out and "resnet18_in" in out and "lenet" not in out and "convnet3" not in out
