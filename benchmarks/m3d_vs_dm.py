@@ -7,6 +7,10 @@ Variants, each timed through :class:`distillkit.condense.Condenser` (the real lo
 * ``m3d``: the ``m3d`` method (factor 2, one optimizer step per class, encoder redrawn every 5 iterations).
 * ``m3d/step=iteration``: ``m3d`` with one batched step per iteration: the cost of the per-class schedule.
 
+A second table times the objectives alone (forward + backward) on random
+features of the shapes one iteration hands them: ``mean`` over all classes at
+once (DM) and ``mmd`` once per class on ``4 * IPC`` decoded images (M3D).
+
 Iterations are timed round-robin over the variants, so a load change on a shared
 machine hits all of them alike; the mean over ``--iterations`` (default 5, one
 full encoder period) is reported, with the ratio to ``dm`` at the same IPC.
@@ -35,6 +39,25 @@ VARIANTS = {
 }
 
 
+def objective_cost(name: str, ipc: int, dim: int, batch_real: int, classes: int, device: torch.device,
+                   repeats: int = 5) -> dict:
+    """Seconds per iteration of ``name`` alone: DM's one call over all classes, M3D's one call per class."""
+    per_class = name == "mmd"
+    k, calls, n_s = (1, classes, 4 * ipc) if per_class else (classes, 1, ipc)
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(k, batch_real, dim, generator=g).to(device)
+    syn = torch.randn(k, n_s, dim, generator=g).to(device).requires_grad_()
+    objective = registry.create("objectives", name)
+
+    def iteration() -> None:
+        for _ in range(calls):
+            objective(real, syn).sum().backward()
+
+    seconds = timed(iteration, device, repeats)[0]
+    return {"objective": name, "ipc": ipc, "calls": calls, "shape_real": list(real.shape),
+            "shape_syn": list(syn.shape), "s_per_iter": seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="mnist")
@@ -49,7 +72,7 @@ def main() -> None:
     device = resolve_device(args.device)
     registry.load_plugins()
     real = load_split(registry.create("datasets", args.dataset), resolve_root(), train=True, device=device)
-    rows = []
+    rows, objective_rows = [], []
     for ipc in args.ipc:
         condensers = {}
         for name in args.variants:
@@ -78,9 +101,15 @@ def main() -> None:
                                                         "augment", "augment_strategy", "batch_syn")},
             })
             print(f"ipc {ipc} {name}: {mean:.3f} s/iter", flush=True)
+        dim = condensers[args.variants[0]].sampler.extractor(0)(real.images[:1]).shape[1]
+        objective_rows += [objective_cost(name, ipc, dim, args.batch_real, real.spec.num_classes, device)
+                           for name in ("mean", "mmd")]
     print_table(rows, ["variant", "ipc", "batch_real", "syn_per_class", "step", "s_per_iter", "median_s",
                        "ratio_to_dm"], title=f"M3D vs DM, {args.dataset}, seconds per condense iteration ({device})")
-    path = write_report("m3d_vs_dm", device, rows, {"dataset": args.dataset, "timed_iterations": args.iterations})
+    print_table(objective_rows, ["objective", "ipc", "calls", "shape_real", "shape_syn", "s_per_iter"],
+                title="objective alone per iteration, forward + backward")
+    path = write_report("m3d_vs_dm", device, rows, {"dataset": args.dataset, "timed_iterations": args.iterations,
+                                                     "objective_rows": objective_rows})
     print(f"wrote {path}")
 
 

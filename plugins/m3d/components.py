@@ -25,26 +25,34 @@ BANDWIDTH_RULES = ("mean", "median")
 M3D_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
-def squared_distances(z: Tensor) -> Tensor:
-    """Pairwise squared distances of each set in ``z`` (K, N, d) -> (K, N, N), zero diagonal, never negative.
+def squared_distances(a: Tensor, b: Tensor, same: bool = False) -> Tensor:
+    """Pairwise squared distances ``(K, n, d), (K, m, d) -> (K, n, m)``, never negative.
 
     The ``|a|^2 + |b|^2 - 2ab`` form is one batched matmul; its rounding can go
-    slightly negative or leave a nonzero diagonal, so both are fixed here.
+    slightly negative (clamped) and, for ``same`` sets (``b`` is ``a``), leave a
+    nonzero diagonal (zeroed).
     """
-    sq = z.pow(2).sum(-1)
-    d = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * z @ z.transpose(-1, -2)).clamp_min(0)
-    eye = torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
-    return d.masked_fill(eye, 0.0)
+    d = (a.pow(2).sum(-1).unsqueeze(-1) + b.pow(2).sum(-1).unsqueeze(-2) - a @ b.transpose(-1, -2) * 2).clamp_min(0)
+    if same:
+        d = d.masked_fill(torch.eye(a.shape[1], dtype=torch.bool, device=a.device), 0.0)
+    return d
+
+
+def _upper_triangle(d: Tensor) -> Tensor:
+    """The entries above the diagonal of each ``(n, n)`` matrix in ``d`` (K, n, n), flattened: (K, n(n-1)/2)."""
+    rows, cols = torch.triu_indices(d.shape[1], d.shape[2], 1, device=d.device)
+    return d[:, rows, cols]
 
 
 class MMDObjective:
     """Squared MMD between the real and synthetic features of each class.
 
-    The pooled set ``Z = [syn; real]`` gives one kernel matrix per class and the
-    loss is ``sum(K * W)`` with a fixed weight matrix ``W``: ``w w^T`` for the
-    biased V-statistic (``w = [1/n_s; -1/n_r]``, diagonals included, as in the
-    M3D reference), or the same without the within-set diagonals, renormalised,
-    for the unbiased U-statistic.
+    With ``K_ss``, ``K_sr``, ``K_rr`` the kernel blocks of the synthetic and real
+    sets, the biased V-statistic (the M3D reference; diagonals included) is
+    ``mean(K_ss) - 2 mean(K_sr) + mean(K_rr)``; the unbiased U-statistic leaves the
+    diagonals of ``K_ss`` and ``K_rr`` out of their means. ``K_rr`` carries no
+    gradient, so it is computed without autograd: it is the largest block, and
+    only the loss value (not the gradient) needs it.
 
     Options:
 
@@ -52,11 +60,11 @@ class MMDObjective:
       ``D`` the squared distance) or ``"linear"`` (``a.b``; the biased estimate
       is then DM's squared mean gap).
     * ``bandwidth`` (Gaussian only; values are in units of squared distance):
-      ``"mean"``: the mean off-diagonal squared distance of the pooled set times
-      each of ``multipliers`` (the M3D reference); ``"median"``: the median
-      off-diagonal squared distance times ``multipliers``; a number, or a list
-      of numbers (one Gaussian each, summed). Data-driven bandwidths are
-      constants for the gradient, as in the reference.
+      ``"mean"``: the mean off-diagonal squared distance of the pooled real and
+      synthetic set times each of ``multipliers`` (the M3D reference);
+      ``"median"``: the median off-diagonal squared distance times
+      ``multipliers``; a number, or a list of numbers (one Gaussian each, summed).
+      Data-driven bandwidths are constants for the gradient, as in the reference.
     * ``estimator``: ``"biased"`` or ``"unbiased"`` (needs 2+ samples per set).
     """
 
@@ -81,43 +89,51 @@ class MMDObjective:
             raise UsageError(f"MMD bandwidth/multipliers must be positive numbers, got {list(scales)!r}") from None
         if not self.scales or min(self.scales) <= 0 or not all(map(math.isfinite, self.scales)):
             raise UsageError(f"MMD bandwidths must be positive numbers, got {list(self.scales)!r}")
+        self._scales_on: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def __call__(self, real: Tensor, syn: Tensor) -> Tensor:
         n_s, n_r = syn.shape[1], real.shape[1]
-        z = torch.cat([syn, real.detach().to(syn.dtype)], 1)
+        if self.estimator == "unbiased" and min(n_s, n_r) < 2:
+            raise UsageError(f"the unbiased MMD estimator needs 2+ real and synthetic samples per class, got "
+                             f"{n_r} real and {n_s} synthetic; use objective.estimator=biased or more images")
+        real = real.detach().to(syn.dtype)
         if self.kernel == "linear":
-            k = z @ z.transpose(-1, -2)
+            with torch.no_grad():
+                k_rr = real @ real.transpose(-1, -2)
+            k_ss, k_sr = syn @ syn.transpose(-1, -2), syn @ real.transpose(-1, -2)
         else:
-            d = squared_distances(z)
-            h = self._bandwidths(d.detach())  # (K, B)
-            k = torch.exp(-d.unsqueeze(1) / h[:, :, None, None]).sum(1)
-        return (k * self._weights(n_s, n_r, z)).sum((1, 2))
+            with torch.no_grad():
+                d_rr = squared_distances(real, real, same=True)
+            d_ss, d_sr = squared_distances(syn, syn, same=True), squared_distances(syn, real)
+            h = self._bandwidths(d_ss.detach(), d_sr.detach(), d_rr)[:, :, None, None]  # (K, B, 1, 1)
+            with torch.no_grad():
+                k_rr = torch.exp(-d_rr.unsqueeze(1) / h).sum(1)
+            k_ss, k_sr = (torch.exp(-d.unsqueeze(1) / h).sum(1) for d in (d_ss, d_sr))
+        return self._within(k_ss) - 2 * k_sr.mean((1, 2)) + self._within(k_rr)
 
-    def _bandwidths(self, d: Tensor) -> Tensor:
-        scales = torch.tensor(self.scales, dtype=d.dtype, device=d.device)
-        k, n = d.shape[:2]
+    def _within(self, k: Tensor) -> Tensor:
+        """The mean of a set's kernel block over pairs: all pairs (biased) or distinct pairs (unbiased)."""
+        n = k.shape[1]
+        if self.estimator == "biased":
+            return k.mean((1, 2))
+        return (k.sum((1, 2)) - k.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
+
+    def _bandwidths(self, d_ss: Tensor, d_sr: Tensor, d_rr: Tensor) -> Tensor:
+        """``(K, B)`` bandwidths from the pooled squared distances (given as blocks, zero diagonals)."""
+        key = (d_ss.dtype, d_ss.device)
+        if key not in self._scales_on:  # one host-to-device copy per device, not per call
+            self._scales_on[key] = torch.tensor(self.scales, dtype=d_ss.dtype, device=d_ss.device)
+        scales, k = self._scales_on[key], d_ss.shape[0]
         if self.rule is None:
             return scales.expand(k, -1)
-        if self.rule == "mean":  # the diagonal is zero, so the full sum is the off-diagonal sum
-            base = d.sum((1, 2)) / (n * n - n)
-        else:
-            rows, cols = torch.triu_indices(n, n, 1, device=d.device)
-            base = d[:, rows, cols].median(dim=1).values
+        n = d_ss.shape[1] + d_rr.shape[1]
+        if self.rule == "mean":
+            base = (d_ss.sum((1, 2)) + 2 * d_sr.sum((1, 2)) + d_rr.sum((1, 2))) / (n * n - n)
+        else:  # each off-diagonal pair once: the median of the symmetric pooled matrix
+            pairs = torch.cat([_upper_triangle(d_ss), d_sr.flatten(1), _upper_triangle(d_rr)], 1)
+            base = pairs.median(dim=1).values
         # identical features give base 0; any positive bandwidth then yields the same kernel (all ones)
-        return base.clamp_min(torch.finfo(d.dtype).tiny).unsqueeze(1) * scales
-
-    def _weights(self, n_s: int, n_r: int, like: Tensor) -> Tensor:
-        """``W`` with ``sum(K * W)`` = the MMD^2 estimate; the synthetic block first."""
-        w = torch.cat([torch.full((n_s,), 1.0 / n_s), torch.full((n_r,), -1.0 / n_r)])
-        weights = torch.outer(w, w)
-        if self.estimator == "unbiased":
-            if min(n_s, n_r) < 2:
-                raise UsageError(f"the unbiased MMD estimator needs 2+ real and synthetic samples per class, got "
-                                 f"{n_r} real and {n_s} synthetic; use objective.estimator=biased or more images")
-            weights[:n_s, :n_s] *= n_s / (n_s - 1)
-            weights[n_s:, n_s:] *= n_r / (n_r - 1)
-            weights.fill_diagonal_(0.0)
-        return weights.to(dtype=like.dtype, device=like.device)
+        return base.clamp_min(torch.finfo(d_ss.dtype).tiny).unsqueeze(1) * scales
 
 
 class FactorParameterization:
