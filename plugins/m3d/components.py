@@ -152,9 +152,10 @@ class FactorParameterization:
     first ``factor**2 * ipc`` real images, blurred, in order; ``"real"``: the same
     with ``factor**2 * ipc`` random real images drawn as ``pixel`` draws them
     (with factor 1 both parameterizations then start from the same images);
-    ``"noise"``: ``clamp(N(0, 1) / 4 + 0.5, 0, 1)``. Unlike the reference, tiles
-    are written where :meth:`decode` reads them when the size is not a multiple
-    of ``factor`` (the reference writes uneven tiles there).
+    ``"noise"``: ``clamp(N(0, 1) / 4 + 0.5, 0, 1)`` (the reference's starting
+    point, which "mix" overwrites entirely, so "mix" does not draw it). Unlike
+    the reference, tiles are written where :meth:`decode` reads them when the
+    size is not a multiple of ``factor`` (the reference writes uneven tiles there).
     """
 
     INITS = ("mix", "real", "noise")
