@@ -6,7 +6,7 @@ Runs a grid (method x dataset x IPC) through the real CLI code path (``distillki
 
 Scales:
 
-* ``smoke``: minutes per cell on a CPU: 200 iterations, 64 real images per class, 300 evaluation
+* ``smoke``: minutes per cell on a CPU: 100 iterations, 64 real images per class, 300 evaluation
   epochs, 3 runs. Not comparable with the papers; it checks the ordering M3D >= DM > random.
 * ``paper``: the methods' own defaults (DM 20 000 iterations at 256 real images; M3D 5 000 at 128),
   1000 evaluation epochs, 5 runs. Meant for a GPU.
@@ -28,7 +28,7 @@ from distillkit.cli import cli
 from distillkit.condense import resolve_device
 
 SCALES = {
-    "smoke": {"distill": ["--iterations", "200", "--batch-real", "64"], "epochs": 300, "runs": 3},
+    "smoke": {"distill": ["--iterations", "100", "--batch-real", "64"], "epochs": 300, "runs": 3},
     "paper": {"distill": [], "epochs": 1000, "runs": 5},
 }
 
@@ -72,8 +72,8 @@ def main() -> None:
     device = resolve_device(args.device)
     distilled = [m for m in args.methods if m != "random"]
     rows = []
-    for dataset in args.datasets:
-        for ipc in args.ipc:
+    for ipc in args.ipc:  # small IPCs first: the quick cells land early
+        for dataset in args.datasets:
             baseline_done = False
             for method in distilled:
                 run_dir = args.work / args.scale / f"{method}-{dataset}-ipc{ipc}"
@@ -101,13 +101,17 @@ def main() -> None:
                         "published_std": published[1] if published else None,
                         "published_verified": published[2] if published else None,
                     })
+                save(rows, args.scale, scale, device)  # after every cell: a long grid keeps what it has
     print_table(rows, ["dataset", "ipc", "method", "mean", "std", "published", "iterations", "batch_real"],
                 title=f"accuracy ({args.scale} scale, dc-classic {epochs} epochs x {runs} runs, {device})")
-    name = f"accuracy-{args.scale}"
-    path = write_report(name, device, rows, {"scale": args.scale, "scale_settings": scale})
-    markdown = RESULTS / f"{name}-{device_label(device)}.md"
-    markdown.write_text(render_markdown(rows, args.scale, device_label(device)))
-    print(f"wrote {path} and {markdown}")
+    print(f"wrote {save(rows, args.scale, scale, device)}")
+
+
+def save(rows: list[dict], scale_name: str, scale: dict, device) -> Path:
+    name = f"accuracy-{scale_name}"
+    path = write_report(name, device, rows, {"scale": scale_name, "scale_settings": scale})
+    (RESULTS / f"{name}-{device_label(device)}.md").write_text(render_markdown(rows, scale_name, device_label(device)))
+    return path
 
 
 def render_markdown(rows: list[dict], scale: str, device: str) -> str:
