@@ -61,7 +61,8 @@ def cli(ctx: click.Context, plugins_dir: Path | None, debug: bool) -> None:
 # -- distill ---------------------------------------------------------------
 
 _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augment_strategy", "lr_img", "momentum",
-                  "iterations", "batch_real", "batch_syn", "step", "checkpoint_every", "log_every")
+                  "iterations", "batch_real", "batch_syn", "step", "checkpoint_every", "log_every", "real_chunk",
+                  "amp", "channels_last")
 
 
 @cli.command()
@@ -89,6 +90,10 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder (else $DISTILLKIT_DATA, else cache).")
 @click.option("--checkpoint-every", type=int, help="Write a checkpoint every N iterations.  [default: 100]")
 @click.option("--log-every", type=int, help="Read the loss back and log it every N iterations.  [default: 10]")
+@click.option("--real-chunk", type=int, help="Classes per batched real-feature forward (bounds memory).  [default: all]")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast for the feature extractor on CUDA.  [default: off]")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Channels-last inputs for the extractor (faster convolutions on CUDA).  [default: off]")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the run in this directory from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
