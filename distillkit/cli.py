@@ -16,7 +16,6 @@ from distillkit import __version__, registry
 from distillkit.errors import UsageError
 
 
-
 def _rank() -> int:
     """This process's rank under torchrun (0 otherwise): only rank 0 talks."""
     return int(os.environ.get("RANK", "0"))
@@ -101,7 +100,7 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
     """Learn a synthetic set and write it to a run directory."""
     from distillkit.artifact import CONFIG_FILE
     from distillkit.condense import Interrupted, distill as run_distill, resolve_device
-    from distillkit.config import RunConfig, parse_sets, resolve
+    from distillkit.config import parse_sets, resolve
     from distillkit.data import resolve_root
 
     if resume_dir is not None:

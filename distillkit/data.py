@@ -185,7 +185,7 @@ def fake(classes: int = 10, channels: int = 3, size: int = 32, per_class: int = 
         images = (0.6 * protos[labels] + 0.4 * noise).mul(255).round().to(torch.uint8)
         return images, labels
 
-    return DatasetSpec(f"fake", channels, size, size, tuple(f"class{i}" for i in range(classes)),
+    return DatasetSpec("fake", channels, size, size, tuple(f"class{i}" for i in range(classes)),
                        (0.5,) * channels, (0.25,) * channels, load, "generated patterns, no files needed")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol as _Protocol, Sequence, runtime_checkable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 
 @dataclass(frozen=True)
