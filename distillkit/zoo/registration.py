@@ -54,8 +54,10 @@ def mirror(name: str, factory: Callable[..., nn.Module], module: str | None = No
     entry.__doc__ = factory.__doc__
     entry.__module__ = module or getattr(factory, "__module__", None) or __name__
     register_model(entry)
-    # timm lists the entry in the module's __all__; make that name importable too
-    setattr(sys.modules[entry.__module__], target, entry)
+    # timm lists the name in the module's __all__; make it importable where the module has no such attribute
+    home = sys.modules[entry.__module__]
+    if not hasattr(home, target):
+        setattr(home, target, entry)
     _in_timm[name] = target
     return target
 
