@@ -39,6 +39,17 @@ def run_cli(*args: str, expect: int | None = 0):
     return result
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny batches: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_dm_run(tmp_path_factory) -> Path:
     """A real 4-iteration DM distillation of MNIST at IPC 1 (shared, read-only for tests)."""

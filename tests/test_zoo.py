@@ -20,13 +20,7 @@ SPECS = [ImageSpec(c, s, s, 7, (0.5,) * c, (0.25,) * c) for c in (1, 3) for s in
 ZOO = registry.plugins()["models"].names()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two-image batches: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _one_step(model: torch.nn.Module, spec: ImageSpec) -> None:
