@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from distillkit import registry
 from distillkit.artifact import load_synthetic
+from distillkit.config import resolve
 from distillkit.data import load_split, resolve_root
 from distillkit.errors import UsageError
 from distillkit.interfaces import ImageSpec, Objective, Parameterization, Sampler
@@ -219,6 +220,7 @@ def test_m3d_method_defaults():
     assert (m3d.objective, m3d.parameterization, m3d.sampler, m3d.step) == ("mmd", "factor", "random-encoder", "class")
     assert (m3d.augment, m3d.augment_strategy) == ("idc", "color_crop_cutout")
     assert dict(m3d.parameterization_options)["factor"] == 2 and dict(m3d.sampler_options)["period"] == 5
+    assert [resolve(m3d, "mnist", ipc, {}).lr_img for ipc in (1, 10, 50)] == [0.5, 5.0, 5.0]
 
 
 def test_cli_m3d_run_writes_decoded_factor_images_and_shows_both(tmp_path: Path):
