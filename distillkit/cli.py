@@ -204,7 +204,10 @@ def _progress() -> Progress:
 @click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder (else $DISTILLKIT_DATA, else cache).")
 def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, device,
              data_root) -> None:
-    """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv."""
+    """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv.
+
+    Under torchrun the runs are shared out over the processes; rank 0 writes the merged files.
+    """
     from distillkit.condense import resolve_device
     from distillkit.data import resolve_root
     from distillkit.evaluate import evaluate_run, resolve_protocol
@@ -214,18 +217,14 @@ def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compi
     patterns = [m.strip() for m in models.split(",") if m.strip()]
     names = [known_model(m) for m in registry.plugins()["models"].match(patterns)]  # bad names fail here, at once
     dev = resolve_device(device)
-    jobs = len(names) * (2 if baseline else 1)
     with _progress() as progress:
-        task = progress.add_task("evaluate", total=jobs, loss="")
+        task = progress.add_task("evaluate", total=None, loss="")
 
-        started = iter(range(jobs))
-
-        def on_job(model: str, kind: str) -> None:
-            progress.update(task, completed=next(started), loss=f"{model} / {kind}")
+        def on_job(done: int, total: int, label: str) -> None:
+            progress.update(task, total=total, completed=done, loss=label)
 
         report = evaluate_run(run_dir, protocol=proto, models=names, runs=runs, seed=seed, baseline=baseline,
                               device=dev, data_root=resolve_root(data_root), on_job=on_job)
-        progress.update(task, completed=jobs)
     _print_eval(report)
 
 

@@ -89,6 +89,13 @@ def sum_across(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def merge_dicts(mine: dict) -> dict:
+    """Every rank's dict merged into one, on every rank (small Python objects: results, not tensors)."""
+    parts: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {key: value for part in parts for key, value in part.items()}
+
+
 def any_across(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)

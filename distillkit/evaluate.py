@@ -18,10 +18,16 @@ streams, so the stacked path and the run-by-run path see the same numbers and
 agree to float rounding. Batch norm stacks too: its running statistics are
 stacked buffers that each run updates in place under vmap. A model whose
 forward vmap cannot run (``.item()`` or data-dependent Python control flow in
-``forward``) trains run by run, with a warning naming the reason; models that
-draw random numbers in training (dropout, stochastic depth) stack with
-independent draws per run, and then agree with the run-by-run path in
-distribution only.
+``forward``) trains run by run, with a warning naming the reason. So does a
+model whose training forward draws random numbers (dropout, stochastic depth):
+under vmap every run's masks come from one global stream, so a run's result
+would depend on which runs share its stack, and a run must depend only on
+``(seed, model, run)`` (that is what lets torchrun ranks share the runs out).
+
+**Under torchrun** ``evaluate`` deals the (model, set, run) jobs round-robin
+over the ranks; each rank trains its runs of a model in one call, and rank 0
+gathers the accuracies and writes the one eval.json, equal to a single
+process's.
 
 **Default: stacked on accelerators, run by run on the CPU.** On a GPU a step
 on a small synthetic batch is bound by kernel launches, which stacking divides
@@ -114,14 +120,25 @@ class _Stacked:
         return functional_call(self.base, (params, buffers), (x,))
 
     def check(self, shape: tuple[int, ...]) -> str | None:
-        """Why vmap cannot run this model (None if it can): a no-grad forward on blank inputs of ``shape``."""
-        xs = torch.zeros(self.runs, *shape, device=next(iter(self.params.values())).device)
-        scratch = {k: v.clone() for k, v in self.buffers.items()}  # leave the real statistics untouched
-        try:
-            with torch.no_grad():
-                torch.vmap(self._call, randomness="different")(self.params, scratch, xs)
-        except Exception as exc:  # vmap raises several types for unsupported forwards
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        """Why these runs cannot train stacked (None if they can), from no-grad forwards of ``shape`` inputs.
+
+        vmap must run the forward, and the training forward must draw no random numbers: under vmap,
+        dropout-like layers draw every run's masks from one global stream, so a run's result would
+        depend on which runs share its stack.
+        """
+        xs = torch.randn(self.runs, *shape, generator=torch.Generator().manual_seed(0))
+        xs = xs.to(next(iter(self.params.values())).device)
+        outputs = []
+        for draw in range(2):
+            scratch = {k: v.clone() for k, v in self.buffers.items()}  # leave the real statistics untouched
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[xs.device] if xs.is_cuda else []):
+                    torch.manual_seed(draw)
+                    outputs.append(torch.vmap(self._call, randomness="different")(self.params, scratch, xs))
+            except Exception as exc:  # vmap raises several types for unsupported forwards
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if not torch.equal(*outputs):
+            return "its training forward draws random numbers (dropout?), which stacked runs would share"
         return None
 
     def parameters(self) -> list[Tensor]:
@@ -240,24 +257,25 @@ class TrainingProtocol:
         return replace(self, **given)
 
     # -- the engine ------------------------------------------------------
-    def evaluate(self, model: str, train: TrainingSet, test: TrainingSet, spec: ImageSpec, runs: int, seed: int,
-                 device: torch.device | str) -> list[float]:
-        if runs < 1:
-            raise UsageError(f"--runs must be positive, got {runs}")
+    def evaluate(self, model: str, train: TrainingSet, test: TrainingSet, spec: ImageSpec, run_ids: Sequence[int],
+                 seed: int, device: torch.device | str) -> list[float]:
+        run_ids = list(run_ids)
+        if not run_ids:
+            raise UsageError("no evaluation runs given (--runs must be positive)")
         device = torch.device(device)
         if device.type == "cpu":
             keep_freed_memory()
         models = []
-        for r in range(runs):
+        for r in run_ids:
             with seeded(seed, "eval-init", model, r):
                 models.append(create_model(model, spec).to(device))
-        if self.stacks_on(device):
+        if self.stacks_on(device) and len(models) > 1:
             stacked = _Stacked(models, self.compile)
             why = stacked.check((2, spec.channels, spec.height, spec.width))
             if why is None:
-                return self._train_and_test(stacked, list(range(runs)), train, test, seed, model)
-            warnings.warn(f"{model}: vmap cannot run its forward ({why}); training the runs one by one", stacklevel=2)
-        return [acc for r, m in enumerate(models)
+                return self._train_and_test(stacked, run_ids, train, test, seed, model)
+            warnings.warn(f"{model}: runs train one by one: {why}", stacklevel=2)
+        return [acc for r, m in zip(run_ids, models)
                 for acc in self._train_and_test(_Single(m, self.compile), [r], train, test, seed, model)]
 
     def _train_and_test(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, test: TrainingSet,
@@ -408,12 +426,19 @@ def resolve_protocol(name: str, **overrides: Any) -> Any:
 
 def evaluate_run(run_dir: Path, *, protocol: Any, models: Sequence[str], runs: int, seed: int | None,
                  baseline: bool, device: torch.device, data_root: Path,
-                 on_job: Callable[[str, str], None] = lambda model, kind: None) -> dict[str, Any]:
-    """Evaluate a run directory's synthetic set (and the random baseline) on ``models``; update eval.json/csv."""
-    from distillkit import registry
-    from distillkit.artifact import atomic_write_bytes, atomic_write_json, load_synthetic, versions
-    from distillkit.data import load_split
+                 on_job: Callable[[int, int, str], None] = lambda done, total, label: None) -> dict[str, Any]:
+    """Evaluate a run directory's synthetic set (and the random baseline) on ``models``; update eval.json/csv.
 
+    Under torchrun the (model, set, run) jobs are dealt round-robin over the ranks and rank 0 writes
+    the merged report. ``on_job(done, total, label)`` reports this rank's progress in (model, set) calls.
+    """
+    from distillkit import registry
+    from distillkit.artifact import load_synthetic, versions
+    from distillkit.data import load_split
+    from distillkit.distributed import device_for_rank, merge_dicts, world as join_world
+
+    if runs < 1:
+        raise UsageError(f"--runs must be positive, got {runs}")
     synthetic = load_synthetic(run_dir)
     seed = synthetic.seed if seed is None else seed
     config = synthetic.config
@@ -423,16 +448,31 @@ def evaluate_run(run_dir: Path, *, protocol: Any, models: Sequence[str], runs: i
                          f"{config['dataset']!r} ({dataset.image_spec})")
     for model in models:  # fail on a bad name or an input the model cannot take before hours of training
         check_model(model, synthetic.spec)
+    device = device_for_rank(device)
+    world = join_world(device)
     test = load_split(dataset, data_root, train=False, device=device).as_training_set()
-    jobs = [("synthetic", synthetic.training_set(device))]
+    sets = {"synthetic": synthetic.training_set(device)}
     if baseline:
         real = load_split(dataset, data_root, train=True, device=device)
-        jobs.append(("random-baseline", random_subset(real, synthetic.ipc, seed)))
+        sets["random-baseline"] = random_subset(real, synthetic.ipc, seed)
+    jobs = [(model, kind, r) for model in models for kind in sets for r in range(runs)]
+    calls: dict[tuple[str, str], list[int]] = {}  # this rank's runs, one protocol call per (model, set)
+    for model, kind, r in world.share(jobs):
+        calls.setdefault((model, kind), []).append(r)
+    accuracy: dict[tuple[str, str, int], float] = {}
+    for done, ((model, kind), run_ids) in enumerate(calls.items()):
+        on_job(done, len(calls), f"{model} / {kind}")
+        got = list(protocol.evaluate(model, sets[kind], test, synthetic.spec, run_ids, seed, device))
+        if len(got) != len(run_ids):
+            raise UsageError(f"protocol {protocol.name!r} returned {len(got)} accuracies for {len(run_ids)} runs")
+        accuracy.update({(model, kind, r): float(a) for r, a in zip(run_ids, got)})
+    on_job(len(calls), len(calls), "")
+    if world.active:
+        accuracy = merge_dicts(accuracy)
     rows = []
     for model in models:
-        for kind, train in jobs:
-            on_job(model, kind)
-            accuracies = protocol.evaluate(model, train, test, synthetic.spec, runs, seed, device)
+        for kind, train in sets.items():
+            accuracies = [accuracy[model, kind, r] for r in range(runs)]
             mean, std = summarize(accuracies)
             rows.append({"model": model, "kind": kind, "protocol": protocol.name, "accuracies": accuracies,
                          "mean": mean, "std": std, "runs": runs, "seed": seed, "train_images": len(train.labels)})
@@ -442,17 +482,30 @@ def evaluate_run(run_dir: Path, *, protocol: Any, models: Sequence[str], runs: i
         row["protocol_settings"] = settings
         row["engine"] = engine
 
+    report = {"run": str(run_dir), "dataset": config["dataset"], "method": config["method"], "ipc": synthetic.ipc,
+              "distill_seed": synthetic.seed, "device": str(device), "ranks": world.size, "versions": versions(),
+              "results": rows}
+    if world.is_main:
+        report["results"] = _write_report(run_dir, report)
+    if world.active:
+        torch.distributed.barrier()  # the files exist when any rank returns
+    return {**report, "new": rows}
+
+
+def _write_report(run_dir: Path, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Merge ``report``'s rows into eval.json (replacing rows of the same model, set and settings), rewrite
+    eval.csv; returns every row now in eval.json."""
+    from distillkit.artifact import atomic_write_bytes, atomic_write_json
+
+    rows = report["results"]
     path = Path(run_dir) / "eval.json"
     previous = json.loads(path.read_text()) if path.exists() else {"results": []}
     fresh = {(r["model"], r["kind"], r["protocol"], json.dumps(r["protocol_settings"], sort_keys=True)) for r in rows}
     kept = [r for r in previous.get("results", [])
             if (r["model"], r["kind"], r["protocol"], json.dumps(r["protocol_settings"], sort_keys=True)) not in fresh]
-    report = {"run": str(run_dir), "dataset": config["dataset"], "method": config["method"], "ipc": synthetic.ipc,
-              "distill_seed": synthetic.seed, "device": str(device), "versions": versions(),
-              "results": kept + rows}
-    atomic_write_json(report, path)
+    atomic_write_json({**report, "results": kept + rows}, path)
     header = "model,kind,protocol,runs,seed,mean,std,accuracies\n"
     lines = [f"{r['model']},{r['kind']},{r['protocol']},{r['runs']},{r['seed']},{r['mean']:.4f},{r['std']:.4f},"
-             f"{' '.join(f'{a:.2f}' for a in r['accuracies'])}\n" for r in report["results"]]
+             f"{' '.join(f'{a:.2f}' for a in r['accuracies'])}\n" for r in kept + rows]
     atomic_write_bytes(Path(run_dir) / "eval.csv", (header + "".join(lines)).encode())
-    return {**report, "new": rows}
+    return kept + rows

@@ -160,10 +160,15 @@ class Protocol(_Protocol):
         """Every number that defines the protocol; stored with each result."""
 
     def evaluate(
-        self, model: str, train: TrainingSet, test: TrainingSet, spec: ImageSpec, runs: int, seed: int,
-        device: torch.device,
+        self, model: str, train: TrainingSet, test: TrainingSet, spec: ImageSpec, run_ids: Sequence[int],
+        seed: int, device: torch.device,
     ) -> list[float]:
-        """Test accuracy (0-100) of ``runs`` freshly trained ``model`` networks, run ``r`` seeded from ``(seed, r)``."""
+        """Test accuracy (0-100) of a freshly trained ``model`` network per run in ``run_ids``, in that order.
+
+        Run ``r`` must depend only on ``(seed, model, r)``, never on which other runs share the
+        call: that is what lets ``evaluate`` spread runs over torchrun ranks and still write the
+        numbers of a single process.
+        """
 
 
 @dataclass(frozen=True)

@@ -64,3 +64,25 @@ def test_two_processes_give_the_single_process_set_and_resume(tmp_path: Path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.equal(_images(killed), _images(single))
     assert len((killed / "losses.jsonl").read_text().splitlines()) == 6
+
+
+def test_two_processes_share_the_evaluation_runs_and_write_the_single_process_report(tiny_dm_run, tmp_path: Path):
+    """(model, set, run) jobs dealt over 2 gloo ranks: one eval.json with a single process's numbers."""
+    import json
+    import shutil
+
+    args = ["--protocol", "smoke", "--epochs", "2", "--runs", "3", "--test-limit", "300", "--models",
+            "convnet3_w32,mlp", "--device", "cpu"]
+    reports = {}
+    for name, launcher in (("single", [sys.executable, "-m", "distillkit"]), ("sharded", _torchrun())):
+        run_dir = tmp_path / name
+        shutil.copytree(tiny_dm_run, run_dir)
+        done = subprocess.run([*launcher, "evaluate", str(run_dir), *args], env=_env(), capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        reports[name] = json.loads((run_dir / "eval.json").read_text())
+    assert reports["sharded"]["ranks"] == 2 and reports["single"]["ranks"] == 1
+    rows = {name: [(r["model"], r["kind"], r["accuracies"]) for r in report["results"]]
+            for name, report in reports.items()}
+    assert len(rows["single"]) == 4 and all(len(acc) == 3 for _, _, acc in rows["single"])
+    assert rows["sharded"] == rows["single"]  # bit for bit: a run depends only on (seed, model, run)

@@ -20,7 +20,7 @@ from distillkit.zoo import create_model
 
 from tests.conftest import DATA, run_cli
 
-FALLBACK = "vmap cannot run"
+FALLBACK = "runs train one by one"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,9 +69,9 @@ def test_stacked_and_sequential_runs_agree(mnist, protocol, model):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        together = proto.with_overrides(stacked=True).evaluate(model, train, test, spec, 3, 1, "cpu")
+        together = proto.with_overrides(stacked=True).evaluate(model, train, test, spec, range(3), 1, "cpu")
     assert not [w for w in caught if FALLBACK in str(w.message)]  # the stacked path really ran
-    one_by_one = proto.with_overrides(stacked=False).evaluate(model, train, test, spec, 3, 1, "cpu")
+    one_by_one = proto.with_overrides(stacked=False).evaluate(model, train, test, spec, range(3), 1, "cpu")
     assert max(abs(a - b) for a, b in zip(together, one_by_one)) <= 100 / len(test.labels) + 1e-9
     assert all(a > 10 for a in together)  # 3 epochs on 20 real digits already beat chance
 
@@ -120,8 +120,58 @@ def test_a_model_vmap_cannot_run_trains_run_by_run(mnist, tmp_path):
     registry.load_plugins(tmp_path)
     proto = resolve_protocol("smoke", epochs=2)
     with pytest.warns(UserWarning, match=f"itemnet: {FALLBACK}"):
-        fallback = proto.with_overrides(stacked=True).evaluate("itemnet", train, test, spec, 2, 0, "cpu")
-    assert fallback == proto.with_overrides(stacked=False).evaluate("itemnet", train, test, spec, 2, 0, "cpu")
+        fallback = proto.with_overrides(stacked=True).evaluate("itemnet", train, test, spec, range(2), 0, "cpu")
+    assert fallback == proto.with_overrides(stacked=False).evaluate("itemnet", train, test, spec, range(2), 0, "cpu")
+
+
+DROP_NET = '''
+from torch import nn
+from distillkit import hookimpl
+
+
+class DropNet(nn.Module):
+    """A linear classifier behind dropout: its training forward draws random numbers."""
+
+    def __init__(self, num_classes=10, in_chans=1, img_size=28):
+        super().__init__()
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        self.body = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(in_chans * h * w, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@hookimpl
+def register_models(register):
+    register("dropnet", DropNet)
+'''
+
+
+def test_a_model_that_draws_random_numbers_trains_run_by_run(mnist, tmp_path):
+    """Stacked dropout would draw every run's masks from one stream; such a model must not stack."""
+    spec, train, test = mnist
+    (tmp_path / "dropnet.py").write_text(DROP_NET)
+    registry.load_plugins(tmp_path)
+    proto = resolve_protocol("smoke", epochs=2)
+    with pytest.warns(UserWarning, match="dropnet: runs train one by one: its training forward draws random"):
+        forced = proto.with_overrides(stacked=True).evaluate("dropnet", train, test, spec, range(3), 0, "cpu")
+    assert forced == proto.with_overrides(stacked=False).evaluate("dropnet", train, test, spec, range(3), 0, "cpu")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_a_run_depends_only_on_its_own_id(mnist, stacked):
+    """The contract torchrun sharding relies on: run 2 alone scores what it scores beside runs 0 and 1."""
+    spec, train, test = mnist
+    proto = resolve_protocol("smoke", epochs=2, stacked=stacked)
+    together = proto.evaluate("convnet3_w32", train, test, spec, range(3), 4, "cpu")
+    alone = proto.evaluate("convnet3_w32", train, test, spec, [2], 4, "cpu")
+    pair = proto.evaluate("convnet3_w32", train, test, spec, [2, 0], 4, "cpu")
+    if stacked:  # float rounding of the batched kernels: at most one test image
+        tolerance = 100 / len(test.labels) + 1e-9
+        assert abs(alone[0] - together[2]) <= tolerance and abs(pair[1] - together[0]) <= tolerance
+    else:
+        assert alone == together[2:] and pair == [together[2], together[0]]
+    assert len(set(together)) > 1  # the runs differ: each has its own seed
 
 
 def test_protocol_settings_and_engine_are_kept_apart():
@@ -184,10 +234,10 @@ class NearestMean:
     def settings(self):
         return {"space": "pixels", "metric": "euclidean"}
 
-    def evaluate(self, model, train, test, spec, runs, seed, device):
+    def evaluate(self, model, train, test, spec, run_ids, seed, device):
         means = torch.stack([train.images[train.labels == c].mean(0) for c in range(spec.num_classes)]).flatten(1)
         guess = torch.cdist(test.images.flatten(1), means).argmin(1)
-        return [float((guess == test.labels).double().mean() * 100)] * runs
+        return [float((guess == test.labels).double().mean() * 100)] * len(run_ids)
 
 
 @hookimpl
