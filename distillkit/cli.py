@@ -61,7 +61,7 @@ def cli(ctx: click.Context, plugins_dir: Path | None, debug: bool) -> None:
 
 _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augment_strategy", "lr_img", "momentum",
                   "iterations", "batch_real", "batch_syn", "step", "checkpoint_every", "log_every", "real_chunk",
-                  "amp", "channels_last")
+                  "forward_batch", "amp", "channels_last")
 
 
 @cli.command()
@@ -90,7 +90,11 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @click.option("--checkpoint-every", type=int, help="Write a checkpoint every N iterations.  [default: 100]")
 @click.option("--log-every", type=int, help="Read the loss back and log it every N iterations.  [default: 10]")
 @click.option("--real-chunk", type=int, help="Classes per batched real-feature forward (bounds memory).  [default: all]")
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast for the feature extractor on CUDA.  [default: off]")
+@click.option("--forward-batch", type=int,
+              help="Real images per extractor call (same features, changes speed).  [default: 16k pixels per "
+                   "call on CPUs when the extractor embeds images independently; all at once on GPUs]")
+@click.option("--amp/--no-amp", default=None, help="bf16 autocast for the feature extractor (CUDA, or CPUs with bf16 instructions; numbers change "
+                   "slightly).  [default: off]")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="Channels-last inputs for the extractor (faster convolutions on CUDA).  [default: off]")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
@@ -147,9 +151,10 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
 
 def _resumed_config(run_dir: Path, method, dataset, ipc, out_dir, sets, seed, overrides):
     import json
+    from dataclasses import replace
 
     from distillkit.artifact import CONFIG_FILE
-    from distillkit.config import RunConfig, parse_sets
+    from distillkit.config import ENGINE_FIELDS, RunConfig, parse_sets
 
     path = run_dir / CONFIG_FILE
     if not path.exists():
@@ -160,9 +165,10 @@ def _resumed_config(run_dir: Path, method, dataset, ipc, out_dir, sets, seed, ov
         raise UsageError(f"--resume {run_dir}: {path} is damaged ({exc})") from None
     given = {"method": method, "dataset": dataset, "ipc": ipc, "seed": seed,
              **{k: v for k, v in overrides.items() if k in _RUN_OVERRIDES}}
+    engine = {k: v for k, v in given.items() if k in ENGINE_FIELDS and v is not None}
     recorded = cfg.as_dict()
     clashes = [f"--{k.replace('_', '-')} {v!r} (recorded {recorded[k]!r})"
-               for k, v in given.items() if v is not None and v != recorded[k]]
+               for k, v in given.items() if v is not None and v != recorded[k] and k not in engine]
     for component, options in parse_sets(sets).items():
         for key, value in options.items():
             if recorded[f"{component}_options"].get(key) != value:
@@ -172,7 +178,7 @@ def _resumed_config(run_dir: Path, method, dataset, ipc, out_dir, sets, seed, ov
     if clashes:
         raise UsageError(f"--resume {run_dir} keeps the recorded config; these flags contradict it: "
                          f"{'; '.join(clashes)}")
-    return cfg
+    return replace(cfg, **engine)  # speed settings may change on resume; config.json keeps the first ones
 
 
 def _progress() -> Progress:

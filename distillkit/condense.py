@@ -30,6 +30,7 @@ at every checkpoint and warns if a component did.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -96,6 +97,9 @@ class Condenser:
         if self.cfg.ipc > smallest:
             raise UsageError(f"--ipc {self.cfg.ipc} is larger than the smallest class ({smallest} images)")
         self.batch_real = min(self.cfg.batch_real, smallest)
+        if self.cfg.amp and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            raise UsageError("--amp on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be "
+                             "emulated and slower than float32; leave --amp off here")
         self.optimizer = torch.optim.SGD(self.param.parameters(), lr=self.cfg.lr_img, momentum=self.cfg.momentum)
 
     # -- state -----------------------------------------------------------
@@ -160,7 +164,8 @@ class Condenser:
                 part = classes[start:start + chunk]
                 real = torch.cat([self.real.sample(c, n_r, generator(seed, "real", it, c)) for c in part])
                 group = torch.arange(start, start + len(part)).repeat_interleave(n_r)
-                pieces.append(self._features(extract, self.augment.apply(real, params, group)))
+                pieces.append(self._features(extract, self.augment.apply(real, params, group),
+                                             self.real_forward_batch))
             real_features = torch.cat(pieces).view(len(classes), n_r, -1)
 
         if self.cfg.step == "class":
@@ -217,11 +222,36 @@ class Condenser:
                 p.sub_(lr * drift_after * buffer)
                 self.optimizer.state[p]["momentum_buffer"] = buffer * decay_after
 
-    def _features(self, extract: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    @functools.cached_property
+    def real_forward_batch(self) -> int | None:
+        """Real images per extractor call (None: all at once).
+
+        ``--forward-batch`` if given. Otherwise, on a CPU, 16k input pixels per call (20 images at
+        28x28, 16 at 32x32) when the extractor embeds every image on its own: a forward over thousands
+        of images streams each ~1 GB activation through memory once per layer op (norm, ReLU, pool),
+        while a small batch keeps it in cache; measured 1.7-2x faster for MNIST ConvNet-3 features,
+        bit-identical. A batch-dependent extractor (batch-norm statistics, dropout) keeps one call,
+        and so do accelerators, where one large launch is the fast shape.
+        """
+        if self.cfg.forward_batch is not None:
+            return self.cfg.forward_batch
+        if self.device.type != "cpu":
+            return None
+        probe = self.real.images[:4]
+        extract = self.sampler.extractor(self.iteration)
+        with torch.no_grad():
+            together, apart = extract(probe), torch.cat([extract(x) for x in probe.split(2)])
+        if not torch.allclose(together, apart, rtol=1e-4, atol=1e-5):
+            return None
+        return max(1, 16384 // (self.real.spec.height * self.real.spec.width))
+
+    def _features(self, extract: Callable[[Tensor], Tensor], images: Tensor, batch: int | None = None) -> Tensor:
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp and self.device.type == "cuda"):
-            return extract(images).float()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+            if batch is None or len(images) <= batch:
+                return extract(images).float()
+            return torch.cat([extract(x) for x in images.split(batch)]).float()
 
 
 # -- the run directory ----------------------------------------------------
@@ -341,7 +371,7 @@ def _resume_state(cfg: RunConfig, checkpoint: Path, loss_log: Path) -> dict:
     """The checkpoint to resume from, after checking it belongs to ``cfg`` and to the loss log beside it."""
     state = load_checkpoint(checkpoint)
     try:  # through RunConfig, so fields added since the run started take their defaults on both sides
-        same = RunConfig.from_dict(state["config"]).as_dict() == cfg.as_dict()
+        same = RunConfig.from_dict(state["config"]).recipe() == cfg.recipe()
     except (KeyError, TypeError):
         same = False
     if not same:

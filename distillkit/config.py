@@ -12,6 +12,10 @@ from distillkit.interfaces import Method
 COMPONENTS = ("objective", "parameterization", "sampler", "dataset")
 
 
+#: RunConfig fields that change how fast a run computes, not what: ``--resume`` may change them
+ENGINE_FIELDS = ("checkpoint_every", "log_every", "real_chunk", "forward_batch", "channels_last")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that determines a distillation run (with the seed, the whole result)."""
@@ -41,13 +45,19 @@ class RunConfig:
     log_every: int = 10
     #: classes per batched real-feature forward (None: all at once; lower it to bound memory with many classes)
     real_chunk: int | None = None
-    #: bf16 autocast for the extractor on CUDA (changes numerics slightly; off by default)
+    #: real images per extractor call (None: automatic, see Condenser.real_forward_batch); same features
+    forward_batch: int | None = None
+    #: bf16 autocast for the extractor, on CUDA or a CPU with bf16 instructions (changes numerics slightly)
     amp: bool = False
     #: channels-last memory format for extractor inputs (faster convolutions on CUDA)
     channels_last: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
+
+    def recipe(self) -> dict[str, Any]:
+        """:meth:`as_dict` without the :data:`ENGINE_FIELDS`: what decides the result."""
+        return {k: v for k, v in self.as_dict().items() if k not in ENGINE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
@@ -125,8 +135,10 @@ def resolve(method: Method, dataset: str, ipc: int, overrides: Mapping[str, Any]
     for name in ("iterations", "batch_real", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < (0 if name == "iterations" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.real_chunk is not None and cfg.real_chunk < 1:
-        raise UsageError(f"--real-chunk must be positive, got {cfg.real_chunk}")
+    for key in ("real_chunk", "forward_batch"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
     if cfg.step not in ("iteration", "class"):
         raise UsageError(f"unknown step schedule {cfg.step!r}; choose one of: iteration, class")
     return cfg

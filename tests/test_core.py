@@ -211,6 +211,43 @@ def test_condense_state_round_trip_continues_identically(mnist):
     assert torch.equal(a.param.stored(), b.param.stored())
 
 
+def test_real_features_in_small_forward_batches_are_the_same_features(mnist):
+    """The CPU default embeds real images a few dozen at a time (cache-sized activations): same set as one call.
+    A batch-norm extractor, whose features depend on the batch, keeps one call."""
+    def run(**kw):
+        condenser = Condenser(_tiny_cfg(**kw), mnist, torch.device("cpu"))
+        condenser.initialize()
+        for _ in range(2):
+            condenser.step()
+        return condenser
+
+    auto, one_call, odd = run(), run(forward_batch=10_000), run(forward_batch=7)
+    assert auto.real_forward_batch == 16384 // (28 * 28) and odd.real_forward_batch == 7
+    for other in (one_call, odd):
+        torch.testing.assert_close(auto.param.stored(), other.param.stored(), rtol=1e-6, atol=1e-6)
+    batch_norm = Condenser(resolve(registry.create("methods", "dm"), "mnist", 2, {"batch_real": 8},
+                                   parse_sets(["sampler.model=convnet3_bn"])), mnist, torch.device("cpu"))
+    assert batch_norm.real_forward_batch is None
+
+
+def test_amp_runs_bf16_features_on_a_cpu_that_has_bf16_and_refuses_otherwise(mnist):
+    cfg = _tiny_cfg(amp=True)
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.raises(UsageError, match="no bf16 instructions"):
+            Condenser(cfg, mnist, torch.device("cpu"))
+        return
+    runs = {}
+    for amp in (False, True):
+        condenser = Condenser(replace(cfg, amp=amp), mnist, torch.device("cpu"))
+        condenser.initialize()
+        start = condenser.param.stored().clone()
+        condenser.step()
+        runs[amp] = condenser.param.stored() - start
+    assert not torch.equal(runs[True], runs[False])  # bf16 really ran
+    cosine = torch.nn.functional.cosine_similarity(runs[True].flatten(), runs[False].flatten(), dim=0)
+    assert cosine > 0.99  # ... and moved the images the way float32 does
+
+
 # -- artifact and CLI ---------------------------------------------------------------
 
 def test_artifact_is_self_describing_and_loads_weights_only(tiny_dm_run: Path):

@@ -3,6 +3,7 @@ changed. Every refused command below targets a finished run directory and must l
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -289,3 +290,15 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
 def test_debug_flag_reraises_so_the_traceback_shows(tmp_path: Path):
     with pytest.raises(UsageError, match="unknown objective"):
         run_cli("--debug", "distill", *TINY, "--objective", "nope", "--out", tmp_path / "x", expect=None)
+
+
+def test_resume_may_change_speed_settings_but_not_the_recipe(finished, tmp_path):
+    """--forward-batch, --checkpoint-every and friends change how fast a run computes, not what: resume takes them."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    before = torch.load(run_dir / "synthetic.pt", weights_only=True)["images"]
+    run_cli("distill", "--resume", run_dir, "--forward-batch", "5", "--checkpoint-every", "1", "--real-chunk", "3",
+            "--device", "cpu")
+    assert torch.equal(torch.load(run_dir / "synthetic.pt", weights_only=True)["images"], before)
+    assert json.loads((run_dir / "config.json").read_text())["forward_batch"] is None  # the recorded run is kept
+    refused("distill", "--resume", run_dir, "--lr-img", "3", says=("contradict", "--lr-img 3.0"))

@@ -109,3 +109,17 @@ def test_cli_unknown_model_exits_2_with_one_line(tiny_dm_run):
 def test_cli_lists_the_zoo_with_a_filter():
     out = run_cli("list", "models", "--filter", "resnet*").output
     assert "resnet18" in out and "resnet18_in" in out and "lenet" not in out and "convnet3" not in out
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 32, 32), (2, 4, 7, 7), (2, 3, 9, 6)])
+def test_convnet_pooling_fast_path_gives_the_kernel_bits(shape):
+    """ConvNet's no-grad CPU pooling (strided slices) equals torch's avg_pool2d bit for bit, odd sizes included;
+    with autograd on it is the kernel itself."""
+    from distillkit.zoo.convnet import AvgPool2x2
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(AvgPool2x2()(x), F.avg_pool2d(x, 2))
+    leaf = x.clone().requires_grad_()
+    out = AvgPool2x2()(leaf)
+    assert out.grad_fn is not None and "AvgPool2D" in type(out.grad_fn).__name__

@@ -8,6 +8,7 @@ then ``width * (32 / 2**depth)**2`` for both 28 and 32 pixels.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from distillkit.zoo.registration import variant
@@ -29,6 +30,24 @@ def norm_layer(kind: str, channels: int, size: int | tuple[int, int]) -> nn.Modu
     raise ValueError(f"unknown norm {kind!r}; choose one of: {', '.join(NORMS)}")
 
 
+class AvgPool2x2(nn.AvgPool2d):
+    """``nn.AvgPool2d(2)`` with a faster CPU forward when no gradient is needed (real features, testing).
+
+    torch's CPU pooling kernel walks each 2x2 window; four strided slices added in the kernel's order,
+    then divided by 4, give the same bits ~3x faster on large maps. With autograd on, the slices'
+    backward is slower than pooling's own, so training keeps the kernel.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
+        return (x[..., 0::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 4
+
+
 class ConvNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
                  depth: int = 3, width: int = 128, norm: str = "instance", pooling: str = "avg") -> None:
@@ -44,7 +63,7 @@ class ConvNet(nn.Module):
             layers += [nn.Conv2d(channels, width, 3, padding=pad_first if i == 0 else 1), norm_layer(norm, width, size),
                        nn.ReLU(inplace=True)]
             if pooling != "none":
-                layers.append(nn.AvgPool2d(2) if pooling == "avg" else nn.MaxPool2d(2))
+                layers.append(AvgPool2x2() if pooling == "avg" else nn.MaxPool2d(2))
                 size //= 2
             channels = width
         self.features = nn.Sequential(*layers)
