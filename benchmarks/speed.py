@@ -6,8 +6,10 @@ iterations are timed round-robin, so load changes on a shared machine hit all of
 median over ``--iterations`` (after one warm-up) is reported with ratios:
 
 * ``ratio_to_dm``: each variant against ``dm`` at the same input and IPC (target: ``m3d`` <= 1.2);
-* ``batched_gain``: the per-class real forward (``real_chunk=1``, the reference codes' shape)
-  against the same method's default one-forward-for-all-classes.
+* ``ratio_to_default``: a variant against its method's defaults, i.e. what one speed measure buys:
+  ``per-class-real`` (``real_chunk=1``: one real forward per class, the reference codes' shape),
+  ``one-call-real`` (``forward_batch`` unlimited: all real images in one extractor call, the default on
+  GPUs), ``amp`` (bf16 autocast), ``channels-last``.
 
 Peak memory: CUDA's ``max_memory_allocated`` per variant (one untimed pass each); on the CPU only the
 process's peak RSS is meaningful, reported once.
@@ -32,12 +34,16 @@ from distillkit.data import load_split, resolve_root
 
 INPUTS = {"mnist": ("mnist", []), "cifar-size": ("fake", ["dataset.per_class=300", "dataset.test_per_class=10"])}
 
-#: name -> (method, overrides)
+#: name -> (method, overrides); a name "METHOD/..." is compared with METHOD's defaults
 VARIANTS = {
     "dm": ("dm", {}),
     "dm/per-class-real": ("dm", {"real_chunk": 1}),
+    "dm/one-call-real": ("dm", {"forward_batch": 10**9}),
+    "dm/amp": ("dm", {"amp": True}),
+    "dm/channels-last": ("dm", {"channels_last": True}),
     "m3d": ("m3d", {}),
     "m3d/per-class-real": ("m3d", {"real_chunk": 1}),
+    "m3d/one-call-real": ("m3d", {"forward_batch": 10**9}),
     "dm+mmd": ("dm", {"objective": "mmd"}),
     "m3d/step=iteration": ("m3d", {"step": "iteration"}),
 }
@@ -49,8 +55,8 @@ def main() -> None:
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10, 50])
     parser.add_argument("--batch-real", type=int, default=256)
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per variant (after 1 warm-up)")
-    parser.add_argument("--variants", nargs="+", default=["dm", "dm/per-class-real", "m3d", "m3d/per-class-real"],
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        default=["dm", "dm/per-class-real", "dm/one-call-real", "dm/amp", "m3d"])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -64,7 +70,10 @@ def main() -> None:
         real = load_split(spec, resolve_root(), train=True, device=device)
         for ipc in args.ipc:
             condensers = {}
-            for name in args.variants:
+            variants = [v for v in args.variants  # bf16 on a CPU without bf16 instructions is refused
+                        if not (VARIANTS[v][1].get("amp") and device.type == "cpu"
+                                and not torch.ops.mkldnn._is_mkldnn_bf16_supported())]
+            for name in variants:
                 method, overrides = VARIANTS[name]
                 # every variant matches real batches: M3D's own default is 128, DM's 256
                 cfg = resolve(registry.create("methods", method), dataset, ipc,
@@ -84,18 +93,18 @@ def main() -> None:
             median = {name: statistics.median(t) for name, t in times.items()}
             for name, condenser in condensers.items():
                 method = VARIANTS[name][0]
-                batched = median.get(method)
+                default = median.get(method) if "/" in name else None
                 rows.append({
                     "input": input_name, "ipc": ipc, "variant": name, "batch_real": condenser.batch_real,
                     "syn_per_class": min(condenser.param.images_per_class, condenser.cfg.batch_syn or 10**9),
                     "s_per_iter": median[name], "ratio_to_dm": median[name] / median["dm"] if "dm" in median else None,
-                    "batched_gain": median[name] / batched if name.endswith("per-class-real") and batched else None,
+                    "ratio_to_default": median[name] / default if default else None,
                     "peak_mib": peaks[name], "times": times[name],
                 })
                 print(f"{input_name} ipc {ipc} {name}: {median[name]:.3f} s/iter", flush=True)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_table(rows, ["input", "ipc", "variant", "batch_real", "syn_per_class", "s_per_iter", "ratio_to_dm",
-                       "batched_gain", "peak_mib"],
+                       "ratio_to_default", "peak_mib"],
                 title=f"seconds per condense iteration ({device}); process peak RSS {peak_rss_mib:.0f} MiB")
     path = write_report("speed", device, rows, {"timed_iterations": args.iterations,
                                                 "process_peak_rss_mib": peak_rss_mib})

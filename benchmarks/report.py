@@ -1,0 +1,188 @@
+"""Render README's "Results" section from the JSON files in ``benchmarks/results/``.
+
+Every table is read from a result file, and each says where it came from (file, command, date,
+machine), so the README never holds a number typed by hand. Sections whose file is missing are left
+out. The text between the ``results:begin`` and ``results:end`` markers is replaced; the rest of
+README.md is untouched.
+
+    python -m benchmarks.report            # rewrite README.md
+    python -m benchmarks.report --check    # exit 1 if README.md is not what the files render
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.common import RESULTS
+
+README = RESULTS.parent.parent / "README.md"
+BEGIN, END = "<!-- results:begin (python -m benchmarks.report) -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _source(name: str, report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    where = machine.get("gpu") or f"{machine['cpu_count']}-core CPU ({machine['processor']})"
+    python, script, *args = report["command"].split()
+    path = Path(script)
+    script = f"-m benchmarks.{path.stem}" if path.parent.name == "benchmarks" else f"{path.name} (outside this repository)"
+    command = " ".join(["python", script, *args])
+    return (f"Source: `benchmarks/results/{name}` ({report['date']}, {where}, torch "
+            f"{report['versions'].get('torch', '?')}; `{command}`).")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _pm(mean: float, std: float | None) -> str:
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def accuracy(name: str) -> str | None:
+    report = _load(name)
+    if report is None:
+        return None
+    order = {"random": 0, "dm": 1, "m3d": 2}
+    rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], order.get(r["method"], 9)))
+    table = []
+    for r in rows:
+        published = "–" if r["published"] is None else (
+            f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
+            + ("" if r["published_verified"] else " *"))
+        table.append([r["dataset"], str(r["ipc"]), r["method"], _pm(r["mean"], r["std"]), published,
+                      str(r.get("iterations", "–")), str(r.get("batch_real", "–"))])
+    cells: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        cells.setdefault((r["dataset"], r["ipc"]), {})[r["method"]] = r["mean"]
+    verdicts = []
+    for (dataset, ipc), means in cells.items():
+        if {"random", "dm", "m3d"} <= set(means):
+            holds = means["m3d"] >= means["dm"] > means["random"]
+            verdicts.append(f"{dataset} IPC {ipc}: {'yes' if holds else '**no**'}")
+    settings = report["scale_settings"]
+    return "\n\n".join(filter(None, [
+        f"**Accuracy, {report['scale']} scale**: ConvNet-3, `dc-classic` protocol, {settings['epochs']} epochs x "
+        f"{settings['runs']} evaluation runs, mean ± std; condense settings in the last two columns. Published figures "
+        f"are full-scale (method-notes.md; * = not yet verified against the paper) and are there for orientation only.",
+        _table(["dataset", "IPC", "method", "distillkit", "published", "iterations", "real/class"], table),
+        ("M3D ≥ DM > random: " + "; ".join(verdicts) + ".") if verdicts else None,
+        _source(name, report)]))
+
+
+def speed(name: str) -> str | None:
+    report = _load(name)
+    if report is None:
+        return None
+    ratio = lambda v: f"{v:.2f}" if v is not None else ""  # noqa: E731
+    table = [[r["input"], str(r["ipc"]), r["variant"], f"{r['s_per_iter']:.3f}", ratio(r["ratio_to_dm"]),
+              ratio(r.get("ratio_to_default"))] for r in report["rows"]]
+    return "\n\n".join([
+        f"**Condense speed**: seconds per iteration at 256 real images per class, median of "
+        f"{report['timed_iterations']} round-robin iterations. `vs dm`: against `dm` at the same input and IPC; "
+        "`vs default`: a variant against its method's defaults (`per-class-real`: one real forward per class, the "
+        "reference codes' shape; `one-call-real`: all real images in one extractor call; `amp`: bf16 autocast).",
+        _table(["input", "IPC", "variant", "s/iteration", "vs dm", "vs default"], table), _source(name, report)])
+
+
+def reference(name: str) -> str | None:
+    report = _load(name)
+    if report is None:
+        return None
+    table = [[str(r["ipc"]), r["implementation"], str(r["batch_real"]), f"{r['s_per_iter']:.3f}",
+              f"{r['speedup_vs_reference']:.2f}x"] for r in report["rows"]]
+    return "\n\n".join([
+        " ".join(["**DM against the public reference implementation** (MNIST, one iteration).", report["how"],
+                  report.get("note", "").rstrip(".") + "." if report.get("note") else ""]).strip(),
+        _table(["IPC", "implementation", "real/class", "s/iteration", "speedup"], table), _source(name, report)])
+
+
+def m3d_vs_dm(name: str) -> str | None:
+    report = _load(name)
+    if report is None:
+        return None
+    table = [[str(r["ipc"]), r["variant"], r["step"], str(r["syn_per_class"]), f"{r['s_per_iter']:.3f}",
+              f"{r['ratio_to_dm']:.2f}"] for r in report["rows"]]
+    return "\n\n".join([
+        f"**M3D against DM** ({report['dataset']}, 256 real images per class, mean of {report['timed_iterations']} "
+        "round-robin iterations, one full encoder period). Target: M3D at most 1.2x DM.",
+        _table(["IPC", "variant", "step", "decoded/class", "s/iteration", "vs dm"], table), _source(name, report)])
+
+
+def eval_speed(name: str) -> str | None:
+    report = _load(name)
+    if report is None:
+        return None
+    table = [[str(r["ipc"]), r["path"], str(r["runs"]), f"{r['train_cpu_s_per_epoch']:.3f}",
+              f"{r['train_s_per_epoch']:.3f}", f"{r['mean_acc']:.2f}"] for r in report["rows"]]
+    key = "stacked/sequential train_cpu_s_per_epoch"
+    ratios = {r["ipc"]: r[key] for r in report["rows"] if key in r}
+    return "\n\n".join([
+        f"**Evaluation speed**: ConvNet-3 runs trained stacked (vmap) or one by one, {report['epochs_trained']} "
+        "epochs timed. Stacked / sequential CPU time per epoch: "
+        + ", ".join(f"IPC {ipc}: {v:.2f}" for ipc, v in ratios.items() if v is not None) + ".",
+        _table(["IPC", "path", "runs", "train CPU s/epoch", "train wall s/epoch", "mean accuracy"], table),
+        _source(name, report)])
+
+
+def distributed(name: str) -> str | None:
+    report = _load(name)
+    if report is None:
+        return None
+    table = [[r["task"], str(r["processes"]), str(r["threads_per_process"]), f"{r['wall_s']:.1f}",
+              f"{r['speedup']:.2f}x", "yes" if r["same_result"] else "**no**"] for r in report["rows"]]
+    s = report["settings"]
+    return "\n\n".join([
+        f"**torchrun processes against one process**, end to end (launch to exit): `distill` DM MNIST IPC 10, "
+        f"{s['iterations']} iterations at {s['batch_real']} real images per class; `evaluate` of that run, smoke "
+        f"protocol, {s['epochs']} epochs x {s['runs']} runs plus the baseline. Median of {s['rounds']} round-robin "
+        "rounds; `same result`: the sharded set equals the single-process set bit for bit, and the accuracies exactly.",
+        _table(["task", "processes", "threads each", "wall s", "speedup", "same result"], table),
+        _source(name, report)])
+
+
+SECTIONS: list[tuple[Callable[[str], str | None], str]] = [
+    (accuracy, "accuracy-smoke-cpu.json"), (accuracy, "accuracy-paper-cuda.json"),
+    (speed, "speed-cpu.json"), (speed, "speed-cuda.json"), (reference, "reference_dm-cpu.json"),
+    (m3d_vs_dm, "m3d_vs_dm-cpu.json"), (eval_speed, "eval_speed-cpu.json"), (eval_speed, "eval_speed-cuda.json"),
+    (distributed, "distributed-cpu.json"),
+]
+
+
+def render() -> str:
+    parts = [section(name) for section, name in SECTIONS]
+    intro = ("Every number below is rendered by `python -m benchmarks.report` from a JSON file in "
+             "`benchmarks/results/` that records the machine, device, package versions and the exact command. "
+             "The CPU figures come from a shared 2-core development machine: absolute seconds are noisy, so speed "
+             "is compared as ratios measured side by side in one run.")
+    return "\n\n".join([intro, *filter(None, parts)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="only check that README.md is up to date")
+    args = parser.parse_args()
+    text = README.read_text()
+    if BEGIN not in text or END not in text:
+        sys.exit(f"{README} has no {BEGIN} ... {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n\n{render()}\n\n{END}{tail}"
+    if args.check:
+        sys.exit(0 if new == text else f"{README} is out of date: run python -m benchmarks.report")
+    README.write_text(new)
+    print(f"rendered {README}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""README's CLI reference is the CLI's own --help output, and its Results section is what the result files
+render, so every flag is documented and no number is stale or typed by hand.
+
+Regenerate the CLI reference after changing a command: ``python -m tests.test_docs``; the results after
+adding a result file: ``python -m benchmarks.report``.
+"""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from distillkit.cli import cli
+from tests.conftest import ROOT
+
+README = ROOT / "README.md"
+BEGIN, END = "<!-- cli:begin (python -m tests.test_docs) -->", "<!-- cli:end -->"
+
+
+def _help(command: str | None) -> str:
+    args = [command, "--help"] if command else ["--help"]
+    result = CliRunner().invoke(cli, args, prog_name="distillkit", terminal_width=100)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def render() -> str:
+    blocks = [f"```text\n{_help(None)}```"]
+    blocks += [f"### `distillkit {name}`\n\n```text\n{_help(name)}```" for name in cli.commands]
+    return "\n\n".join(blocks)
+
+
+def test_readme_cli_reference_is_the_help_output():
+    text = README.read_text()
+    assert BEGIN in text and END in text
+    documented = text.split(BEGIN, 1)[1].split(END, 1)[0].strip()
+    assert documented == render(), "README's CLI reference is stale: run python -m tests.test_docs"
+
+
+def test_readme_results_are_rendered_from_the_result_files():
+    from benchmarks import report
+
+    text = README.read_text()
+    rendered = text.split(report.BEGIN, 1)[1].split(report.END, 1)[0].strip()
+    assert rendered == report.render(), "README's Results are stale: run python -m benchmarks.report"
+
+
+def test_every_option_has_help_text():
+    for name, command in cli.commands.items():
+        bare = [p.name for p in command.params if getattr(p, "help", "x") in (None, "") and p.name != "help"
+                and p.param_type_name == "option"]
+        assert not bare, f"distillkit {name}: options without help: {bare}"
+
+
+if __name__ == "__main__":
+    text = README.read_text()
+    head, rest = text.split(BEGIN, 1)
+    README.write_text(f"{head}{BEGIN}\n\n{render()}\n\n{END}{rest.split(END, 1)[1]}")
+    print(f"rendered the CLI reference in {README}")
