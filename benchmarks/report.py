@@ -140,13 +140,16 @@ def distributed(name: str) -> str | None:
     if report is None:
         return None
     table = [[r["task"], str(r["processes"]), str(r["threads_per_process"]), f"{r['wall_s']:.1f}",
-              f"{r['speedup']:.2f}x", "yes" if r["same_result"] else "**no**"] for r in report["rows"]]
+              f"{r['speedup']:.2f}x", {None: "–", True: "yes", False: "**no**"}[r["same_result"]]]
+             for r in report["rows"]]
     s = report["settings"]
     return "\n\n".join([
         f"**torchrun processes against one process**, end to end (launch to exit): `distill` DM MNIST IPC 10, "
         f"{s['iterations']} iterations at {s['batch_real']} real images per class; `evaluate` of that run, smoke "
         f"protocol, {s['epochs']} epochs x {s['runs']} runs plus the baseline. Median of {s['rounds']} round-robin "
-        "rounds; `same result`: the sharded set equals the single-process set bit for bit, and the accuracies exactly.",
+        "rounds, speedup against the first row. `same result`: the sharded set equals the set of one process with "
+        "the same threads per process bit for bit, and the accuracies are equal exactly (the kernels' float "
+        "reductions depend on the thread count, not on the sharding).",
         _table(["task", "processes", "threads each", "wall s", "speedup", "same result"], table),
         _source(name, report)])
 

@@ -91,7 +91,7 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @click.option("--log-every", type=int, help="Read the loss back and log it every N iterations.  [default: 10]")
 @click.option("--real-chunk", type=int, help="Classes per batched real-feature forward (bounds memory).  [default: all]")
 @click.option("--forward-batch", type=int,
-              help="Real images per extractor call (same features, changes speed).  [default: 16k pixels per "
+              help="Images per extractor call, real and synthetic (same features, changes speed).  [default: 16k pixels per "
                    "call on CPUs when the extractor embeds images independently; all at once on GPUs]")
 @click.option("--amp/--no-amp", default=None, help="bf16 autocast for the feature extractor (CUDA, or CPUs with bf16 instructions; numbers change "
                    "slightly).  [default: off]")

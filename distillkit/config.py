@@ -45,7 +45,7 @@ class RunConfig:
     log_every: int = 10
     #: classes per batched real-feature forward (None: all at once; lower it to bound memory with many classes)
     real_chunk: int | None = None
-    #: real images per extractor call (None: automatic, see Condenser.real_forward_batch); same features
+    #: images per extractor call (None: automatic, see Condenser.forward_batch); same features
     forward_batch: int | None = None
     #: bf16 autocast for the extractor, on CUDA or a CPU with bf16 instructions (changes numerics slightly)
     amp: bool = False

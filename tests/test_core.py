@@ -211,8 +211,9 @@ def test_condense_state_round_trip_continues_identically(mnist):
     assert torch.equal(a.param.stored(), b.param.stored())
 
 
-def test_real_features_in_small_forward_batches_are_the_same_features(mnist):
-    """The CPU default embeds real images a few dozen at a time (cache-sized activations): same set as one call.
+def test_features_in_small_forward_batches_are_the_same_features(mnist):
+    """The CPU default embeds real and synthetic images a few dozen at a time (cache-sized activations): the
+    same set as one call per forward.
     A batch-norm extractor, whose features depend on the batch, keeps one call."""
     def run(**kw):
         condenser = Condenser(_tiny_cfg(**kw), mnist, torch.device("cpu"))
@@ -222,12 +223,12 @@ def test_real_features_in_small_forward_batches_are_the_same_features(mnist):
         return condenser
 
     auto, one_call, odd = run(), run(forward_batch=10_000), run(forward_batch=7)
-    assert auto.real_forward_batch == 16384 // (28 * 28) and odd.real_forward_batch == 7
+    assert auto.forward_batch == 16384 // (28 * 28) and odd.forward_batch == 7
     for other in (one_call, odd):
         torch.testing.assert_close(auto.param.stored(), other.param.stored(), rtol=1e-6, atol=1e-6)
     batch_norm = Condenser(resolve(registry.create("methods", "dm"), "mnist", 2, {"batch_real": 8},
                                    parse_sets(["sampler.model=convnet3_bn"])), mnist, torch.device("cpu"))
-    assert batch_norm.real_forward_batch is None
+    assert batch_norm.forward_batch is None
 
 
 def test_amp_runs_bf16_features_on_a_cpu_that_has_bf16_and_refuses_otherwise(mnist):
