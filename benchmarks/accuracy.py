@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
+import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS, device_label, print_table, write_report
@@ -71,6 +74,7 @@ def main() -> None:
     epochs, runs = args.epochs or scale["epochs"], args.runs or scale["runs"]
     device = resolve_device(args.device)
     distilled = [m for m in args.methods if m != "random"]
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.accuracy", *sys.argv[1:]])
     rows = []
     for ipc in args.ipc:  # small IPCs first: the quick cells land early
         for dataset in args.datasets:
@@ -92,7 +96,7 @@ def main() -> None:
                     name = method if row["kind"] == "synthetic" else "random"
                     published = PUBLISHED.get((dataset, ipc), {}).get(name)
                     rows.append({
-                        "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"], "std": row["std"],
+                        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"], "std": row["std"],
                         "accuracies": row["accuracies"], "model": row["model"], "protocol": row["protocol"],
                         "epochs": epochs, "runs": runs, "seed": args.seed,
                         **({"iterations": config["iterations"], "batch_real": config["batch_real"],
@@ -108,7 +112,19 @@ def main() -> None:
 
 
 def save(rows: list[dict], scale_name: str, scale: dict, device) -> Path:
+    """Write this grid's rows, keeping the cells of an earlier grid at the same scale settings that this one
+    did not run (so a grid can be completed piece by piece, each row keeping its own date)."""
     name = f"accuracy-{scale_name}"
+    key = lambda r: (r["dataset"], r["ipc"], r["method"])  # noqa: E731
+    earlier = RESULTS / f"{name}-{device_label(device)}.json"
+    kept = []
+    if earlier.exists():
+        previous = json.loads(earlier.read_text())
+        if previous.get("scale_settings") == json.loads(json.dumps(scale)):
+            ours = {key(r) for r in rows}
+            kept = [{"date": previous["date"], "command": previous["command"], **r}  # rows say who measured them
+                    for r in previous["rows"] if key(r) not in ours]
+    rows = kept + rows
     path = write_report(name, device, rows, {"scale": scale_name, "scale_settings": scale})
     (RESULTS / f"{name}-{device_label(device)}.md").write_text(render_markdown(rows, scale_name, device_label(device)))
     return path

@@ -28,13 +28,20 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _command(recorded: str) -> str:
+    """A recorded command as a reader would type it: ``python -m benchmarks.X ...``."""
+    python, script, *args = recorded.split()
+    if script == "-m":
+        return recorded.replace(python, "python", 1)
+    path = Path(script)
+    script = f"-m benchmarks.{path.stem}" if path.parent.name == "benchmarks" else f"{path.name} (outside this repository)"
+    return " ".join(["python", script, *args])
+
+
 def _source(name: str, report: dict[str, Any]) -> str:
     machine = report["machine"]
     where = machine.get("gpu") or f"{machine['cpu_count']}-core CPU ({machine['processor']})"
-    python, script, *args = report["command"].split()
-    path = Path(script)
-    script = f"-m benchmarks.{path.stem}" if path.parent.name == "benchmarks" else f"{path.name} (outside this repository)"
-    command = " ".join(["python", script, *args])
+    command = _command(report["command"])
     return (f"Source: `benchmarks/results/{name}` ({report['date']}, {where}, torch "
             f"{report['versions'].get('torch', '?')}; `{command}`).")
 
@@ -71,13 +78,22 @@ def accuracy(name: str) -> str | None:
             holds = means["m3d"] >= means["dm"] > means["random"]
             verdicts.append(f"{dataset} IPC {ipc}: {'yes' if holds else '**no**'}")
     settings = report["scale_settings"]
+    cells_by_command: dict[str, list[str]] = {}
+    for r in rows:
+        cell = f"{r['dataset']} IPC {r['ipc']}"
+        cells = cells_by_command.setdefault(r.get("command", report["command"]), [])
+        if cell not in cells:
+            cells.append(cell)
     return "\n\n".join(filter(None, [
         f"**Accuracy, {report['scale']} scale**: ConvNet-3, `dc-classic` protocol, {settings['epochs']} epochs x "
         f"{settings['runs']} evaluation runs, mean ± std; condense settings in the last two columns. Published figures "
         f"are full-scale (method-notes.md; * = not yet verified against the paper) and are there for orientation only.",
         _table(["dataset", "IPC", "method", "distillkit", "published", "iterations", "real/class"], table),
         ("M3D ≥ DM > random: " + "; ".join(verdicts) + ".") if verdicts else None,
-        _source(name, report)]))
+        _source(name, report),
+        ("The grid was completed in parts (each row records its command and date): "
+         + "; ".join(f"{', '.join(cells)} by `{_command(command)}`" for command, cells in cells_by_command.items())
+         + ".") if len(cells_by_command) > 1 else None]))
 
 
 def speed(name: str) -> str | None:
