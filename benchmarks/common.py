@@ -14,7 +14,8 @@ import torch
 
 from distillkit.artifact import atomic_write_json, versions
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: where results go: benchmarks/results, or $DISTILLKIT_BENCH_RESULTS (device.sh writes straight into $OUT)
+RESULTS = Path(os.environ.get("DISTILLKIT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine(device: torch.device) -> dict[str, Any]:
@@ -47,6 +48,7 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
 
 def write_report(name: str, device: torch.device, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None
                  ) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{device_label(device)}.json"
     atomic_write_json({"benchmark": name, "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
                        "machine": machine(device), "versions": versions(),

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from benchmarks.common import RESULTS
 
-README = RESULTS.parent.parent / "README.md"
+README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- results:begin (python -m benchmarks.report) -->", "<!-- results:end -->"
 
 

@@ -123,3 +123,5 @@ def test_convnet_pooling_fast_path_gives_the_kernel_bits(shape):
     leaf = x.clone().requires_grad_()
     out = AvgPool2x2()(leaf)
     assert out.grad_fn is not None and "AvgPool2D" in type(out.grad_fn).__name__
+    with torch.no_grad(), pytest.raises(RuntimeError, match="Output size is too small"):
+        AvgPool2x2()(x[..., :1, :1])  # a map too small to pool fails as torch's pooling does

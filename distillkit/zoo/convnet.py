@@ -42,8 +42,8 @@ class AvgPool2x2(nn.AvgPool2d):
         super().__init__(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
-            return super().forward(x)
+        if x.device.type != "cpu" or min(x.shape[-2:]) < 2 or (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)  # also raises torch's own error for maps too small to pool
         x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
         return (x[..., 0::2, 0::2] + x[..., 0::2, 1::2] + x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 4
 
