@@ -91,9 +91,10 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @click.option("--log-every", type=int, help="Read the loss back and log it every N iterations.  [default: 10]")
 @click.option("--real-chunk", type=int, help="Classes per batched real-feature forward (bounds memory).  [default: all]")
 @click.option("--forward-batch", type=int,
-              help="Images per extractor call, real and synthetic (same features, changes speed).  [default: 16k pixels per "
-                   "call on CPUs when the extractor embeds images independently; all at once on GPUs]")
-@click.option("--amp/--no-amp", default=None, help="bf16 autocast for the feature extractor (CUDA, or CPUs with bf16 instructions; numbers change "
+              help="Images per extractor call, real and synthetic (same features, changes speed).  [default: "
+                   "16k pixels per call on CPUs when the extractor embeds images independently; all at once on GPUs]")
+@click.option("--amp/--no-amp", default=None,
+              help="bf16 autocast for the feature extractor (CUDA, or CPUs with bf16 instructions; numbers change "
                    "slightly).  [default: off]")
 @click.option("--channels-last/--no-channels-last", default=None,
               help="Channels-last inputs for the extractor (faster convolutions on CUDA).  [default: off]")
