@@ -184,6 +184,9 @@ def render() -> str:
              "`benchmarks/results/` that records the machine, device, package versions and the exact command. "
              "The CPU figures come from a shared 2-core development machine: absolute seconds are noisy, so speed "
              "is compared as ratios measured side by side in one run.")
+    if not any(RESULTS.glob("*-cuda.json")):
+        intro += (" No GPU has been lent to this project's sessions yet, so there are no GPU figures; "
+                  "`benchmarks/device.sh` produces all of them in one call of a lent GPU machine.")
     return "\n\n".join([intro, *filter(None, parts)])
 
 
