@@ -101,7 +101,7 @@ def main() -> None:
 
     rows = []
     for task in ("distill", "evaluate"):
-        base = statistics.median(times[task, *configs[0]])
+        base = statistics.median(times[(task, *configs[0])])
         for processes, threads in configs:
             reference = (1, threads)  # same threads per process, one process
             median = statistics.median(times[task, processes, threads])
