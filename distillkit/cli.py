@@ -99,7 +99,8 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @click.option("--channels-last/--no-channels-last", default=None,
               help="Channels-last inputs for the extractor (faster convolutions on CUDA).  [default: off]")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Continue the run in this directory from its last checkpoint.")
+              help="Continue the run in this directory from its last checkpoint. Only speed settings "
+                   "(--forward-batch, --real-chunk, --channels-last, --checkpoint-every, --log-every) may change.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume_dir, overwrite, **overrides) -> None:
     """Learn a synthetic set and write it to a run directory."""
