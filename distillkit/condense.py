@@ -53,6 +53,7 @@ from distillkit.distributed import World, any_across, merge_state, sum_across
 from distillkit.errors import NonFiniteLossError, UsageError
 from distillkit.interfaces import Objective, Parameterization, Sampler
 from distillkit.seeding import generator
+from distillkit.zoo import cache_sized_batch
 
 #: What a checkpoint records instead of RNG states: how every random stream is derived.
 STREAMS = {
@@ -226,13 +227,12 @@ class Condenser:
     def forward_batch(self) -> int | None:
         """Images per extractor call, real and synthetic (None: all at once).
 
-        ``--forward-batch`` if given. Otherwise, on a CPU, 16k input pixels per call (20 images at
-        28x28, 16 at 32x32) when the extractor embeds every image on its own: a forward over thousands
-        of images streams each ~1 GB activation through memory once per layer op (norm, ReLU, pool),
-        while a small batch keeps it in cache. Measured on a 2-core CPU, bit-identical results: DM's
-        iteration 1.7-2.5x faster (real features), M3D's at IPC 50 another 1.4x (its 4 x IPC decoded
-        images, forward and backward). A batch-dependent extractor (batch-norm statistics, dropout)
-        keeps one call, and so do accelerators, where one large launch is the fast shape.
+        ``--forward-batch`` if given. Otherwise, on a CPU, :func:`~distillkit.zoo.cache_sized_batch`
+        when the extractor embeds every image on its own. Measured on a 2-core CPU, bit-identical
+        results: DM's iteration 1.7-2.5x faster (real features), M3D's at IPC 50 another 1.4x (its
+        4 x IPC decoded images, forward and backward). A batch-dependent extractor (batch-norm
+        statistics, dropout) keeps one call, and so do accelerators, where one large launch is the
+        fast shape.
         """
         if self.cfg.forward_batch is not None:
             return self.cfg.forward_batch
@@ -244,7 +244,7 @@ class Condenser:
             together, apart = extract(probe), torch.cat([extract(x) for x in probe.split(2)])
         if not torch.allclose(together, apart, rtol=1e-4, atol=1e-5):
             return None
-        return max(1, 16384 // (self.real.spec.height * self.real.spec.width))
+        return cache_sized_batch(self.real.spec.height, self.real.spec.width)
 
     def _features(self, extract: Callable[[Tensor], Tensor], images: Tensor, batch: int | None = None) -> Tensor:
         if self.cfg.channels_last:

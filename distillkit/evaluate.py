@@ -70,7 +70,7 @@ from distillkit.augment import Augment, AugmentParams
 from distillkit.errors import UsageError
 from distillkit.interfaces import ImageSpec, TrainingSet
 from distillkit.seeding import derive_seed, generator, seeded
-from distillkit.zoo import check_model, create_model
+from distillkit.zoo import cache_sized_batch, check_model, create_model
 
 #: TrainingProtocol fields that choose how results are computed, not what they are
 ENGINE = ("stacked", "compile", "test_batch")
@@ -209,7 +209,8 @@ class TrainingProtocol:
     DM reference does this, dropping the momentum buffer). The last three
     fields are the engine (see :data:`ENGINE`): ``stacked`` trains the runs
     together, ``compile`` wraps the training forward in ``torch.compile``,
-    ``test_batch`` is the test-time batch.
+    ``test_batch`` is the test-time batch (None: 1000 on accelerators,
+    :func:`~distillkit.zoo.cache_sized_batch` on a CPU).
     """
 
     name: str
@@ -228,7 +229,7 @@ class TrainingProtocol:
     test_limit: int | None = None
     stacked: bool | None = None
     compile: bool = False
-    test_batch: int = 1000
+    test_batch: int | None = None
     description: str = field(default="", compare=False)
 
     def settings(self) -> dict[str, Any]:
@@ -382,9 +383,10 @@ class TrainingProtocol:
         images, labels = test.images, test.labels
         if self.test_limit is not None:
             images, labels = images[: self.test_limit], labels[: self.test_limit]
+        batch = self.test_batch or (cache_sized_batch(*images.shape[-2:]) if images.device.type == "cpu" else 1000)
         correct = torch.zeros(runs, dtype=torch.long, device=labels.device)
         for r in range(runs):
-            for x, y in zip(images.split(self.test_batch), labels.split(self.test_batch)):
+            for x, y in zip(images.split(batch), labels.split(batch)):
                 correct[r] += (net.forward_run(r, x).argmax(-1) == y).sum()
         return (correct.double() * 100.0 / len(labels)).tolist()  # the one read-back
 

@@ -174,6 +174,16 @@ def test_a_run_depends_only_on_its_own_id(mnist, stacked):
     assert len(set(together)) > 1  # the runs differ: each has its own seed
 
 
+def test_the_test_batch_changes_speed_not_accuracy(mnist):
+    """The CPU tests in cache-sized batches by default; any batch gives the same accuracies."""
+    spec, train, test = mnist
+    proto = resolve_protocol("smoke", epochs=2, stacked=False)
+    default = proto.evaluate("convnet3_w32", train, test, spec, range(2), 0, "cpu")
+    for batch in (7, 100_000):
+        assert proto.with_overrides(test_batch=batch).evaluate("convnet3_w32", train, test, spec, range(2), 0,
+                                                               "cpu") == default
+
+
 def test_protocol_settings_and_engine_are_kept_apart():
     proto = resolve_protocol("dc-classic", epochs=7, stacked=True)
     settings = proto.settings()
