@@ -140,14 +140,15 @@ def eval_speed(name: str) -> str | None:
     if report is None:
         return None
     table = [[str(r["ipc"]), r["path"], str(r["runs"]), f"{r['train_cpu_s_per_epoch']:.3f}",
-              f"{r['train_s_per_epoch']:.3f}", f"{r['mean_acc']:.2f}"] for r in report["rows"]]
+              f"{r['train_s_per_epoch']:.3f}", f"{r['test_s']:.1f}", f"{r['mean_acc']:.2f}"] for r in report["rows"]]
     key = "stacked/sequential train_cpu_s_per_epoch"
     ratios = {r["ipc"]: r[key] for r in report["rows"] if key in r}
     return "\n\n".join([
         f"**Evaluation speed**: ConvNet-3 runs trained stacked (vmap) or one by one, {report['epochs_trained']} "
         "epochs timed. Stacked / sequential CPU time per epoch: "
         + ", ".join(f"IPC {ipc}: {v:.2f}" for ipc, v in ratios.items() if v is not None) + ".",
-        _table(["IPC", "path", "runs", "train CPU s/epoch", "train wall s/epoch", "mean accuracy"], table),
+        _table(["IPC", "path", "runs", "train CPU s/epoch", "train wall s/epoch",
+                f"test s ({report['test_limit']} images x runs)", "mean accuracy"], table),
         _source(name, report)])
 
 

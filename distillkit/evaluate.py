@@ -35,7 +35,7 @@ by ``runs``. On a CPU the step is bound by arithmetic (a ConvNet-3 step runs
 near the core's peak FLOP rate already), stacking cannot reduce the arithmetic,
 and vmap's batching rules add memory passes (GroupNorm's per-run affine becomes
 separate multiply/add kernels over ``runs``-times larger activations): 5
-stacked ConvNet-3 runs took 1.08x / 1.14x / 1.35x the CPU time of 5 runs one
+stacked ConvNet-3 runs took 1.17x / 1.19x / 1.55x the CPU time of 5 runs one
 by one at IPC 1 / 10 / 50 on a 2-core CPU (``benchmarks/results/eval_speed-cpu.json``).
 ``--stacked``/``--sequential`` force either path.
 
