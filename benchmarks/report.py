@@ -23,11 +23,6 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- results:begin (python -m benchmarks.report) -->", "<!-- results:end -->"
 
 
-def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / name
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _command(recorded: str) -> str:
     """A recorded command as a reader would type it: ``python -m benchmarks.X ...``."""
     python, script, *args = recorded.split()
@@ -56,10 +51,7 @@ def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
-def accuracy(name: str) -> str | None:
-    report = _load(name)
-    if report is None:
-        return None
+def accuracy(name: str, report: dict[str, Any]) -> str:
     order = {"random": 0, "dm": 1, "m3d": 2}
     rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], order.get(r["method"], 9)))
     table = []
@@ -96,10 +88,7 @@ def accuracy(name: str) -> str | None:
          + ".") if len(cells_by_command) > 1 else None]))
 
 
-def speed(name: str) -> str | None:
-    report = _load(name)
-    if report is None:
-        return None
+def speed(name: str, report: dict[str, Any]) -> str:
     ratio = lambda v: f"{v:.2f}" if v is not None else ""  # noqa: E731
     table = [[r["input"], str(r["ipc"]), r["variant"], f"{r['s_per_iter']:.3f}", ratio(r["ratio_to_dm"]),
               ratio(r.get("ratio_to_default"))] for r in report["rows"]]
@@ -111,10 +100,7 @@ def speed(name: str) -> str | None:
         _table(["input", "IPC", "variant", "s/iteration", "vs dm", "vs default"], table), _source(name, report)])
 
 
-def reference(name: str) -> str | None:
-    report = _load(name)
-    if report is None:
-        return None
+def reference(name: str, report: dict[str, Any]) -> str:
     table = [[str(r["ipc"]), r["implementation"], str(r["batch_real"]), f"{r['s_per_iter']:.3f}",
               f"{r['speedup_vs_reference']:.2f}x"] for r in report["rows"]]
     return "\n\n".join([
@@ -123,10 +109,7 @@ def reference(name: str) -> str | None:
         _table(["IPC", "implementation", "real/class", "s/iteration", "speedup"], table), _source(name, report)])
 
 
-def m3d_vs_dm(name: str) -> str | None:
-    report = _load(name)
-    if report is None:
-        return None
+def m3d_vs_dm(name: str, report: dict[str, Any]) -> str:
     table = [[str(r["ipc"]), r["variant"], r["step"], str(r["syn_per_class"]), f"{r['s_per_iter']:.3f}",
               f"{r['ratio_to_dm']:.2f}"] for r in report["rows"]]
     return "\n\n".join([
@@ -135,10 +118,7 @@ def m3d_vs_dm(name: str) -> str | None:
         _table(["IPC", "variant", "step", "decoded/class", "s/iteration", "vs dm"], table), _source(name, report)])
 
 
-def eval_speed(name: str) -> str | None:
-    report = _load(name)
-    if report is None:
-        return None
+def eval_speed(name: str, report: dict[str, Any]) -> str:
     table = [[str(r["ipc"]), r["path"], str(r["runs"]), f"{r['train_cpu_s_per_epoch']:.3f}",
               f"{r['train_s_per_epoch']:.3f}", f"{r['test_s']:.1f}", f"{r['mean_acc']:.2f}"] for r in report["rows"]]
     key = "stacked/sequential train_cpu_s_per_epoch"
@@ -152,10 +132,7 @@ def eval_speed(name: str) -> str | None:
         _source(name, report)])
 
 
-def distributed(name: str) -> str | None:
-    report = _load(name)
-    if report is None:
-        return None
+def distributed(name: str, report: dict[str, Any]) -> str:
     table = [[r["task"], str(r["processes"]), str(r["threads_per_process"]), f"{r['wall_s']:.1f}",
               f"{r['speedup']:.2f}x", {None: "–", True: "yes", False: "**no**"}[r["same_result"]]]
              for r in report["rows"]]
@@ -171,7 +148,8 @@ def distributed(name: str) -> str | None:
         _source(name, report)])
 
 
-SECTIONS: list[tuple[Callable[[str], str | None], str]] = [
+#: (section renderer, result file); a section whose file is missing is left out
+SECTIONS: list[tuple[Callable[[str, dict[str, Any]], str], str]] = [
     (accuracy, "accuracy-smoke-cpu.json"), (accuracy, "accuracy-paper-cuda.json"),
     (speed, "speed-cpu.json"), (speed, "speed-cuda.json"), (reference, "reference_dm-cpu.json"),
     (m3d_vs_dm, "m3d_vs_dm-cpu.json"), (eval_speed, "eval_speed-cpu.json"), (eval_speed, "eval_speed-cuda.json"),
@@ -180,7 +158,8 @@ SECTIONS: list[tuple[Callable[[str], str | None], str]] = [
 
 
 def render() -> str:
-    parts = [section(name) for section, name in SECTIONS]
+    parts = [section(name, json.loads((RESULTS / name).read_text()))
+             for section, name in SECTIONS if (RESULTS / name).exists()]
     intro = ("Every number below is rendered by `python -m benchmarks.report` from a JSON file in "
              "`benchmarks/results/` that records the machine, device, package versions and the exact command. "
              "The CPU figures come from a shared 2-core development machine: absolute seconds are noisy, so speed "
@@ -188,7 +167,7 @@ def render() -> str:
     if not any(RESULTS.glob("*-cuda.json")):
         intro += (" No GPU has been lent to this project's sessions yet, so there are no GPU figures; "
                   "`benchmarks/device.sh` produces all of them in one call of a lent GPU machine.")
-    return "\n\n".join([intro, *filter(None, parts)])
+    return "\n\n".join([intro, *parts])
 
 
 def main() -> None:
