@@ -114,16 +114,6 @@ def register_models(register):
 '''
 
 
-def test_a_model_vmap_cannot_run_trains_run_by_run(mnist, tmp_path):
-    spec, train, test = mnist
-    (tmp_path / "itemnet.py").write_text(ITEM_NET)
-    registry.load_plugins(tmp_path)
-    proto = resolve_protocol("smoke", epochs=2)
-    with pytest.warns(UserWarning, match=f"itemnet: {FALLBACK}"):
-        fallback = proto.with_overrides(stacked=True).evaluate("itemnet", train, test, spec, range(2), 0, "cpu")
-    assert fallback == proto.with_overrides(stacked=False).evaluate("itemnet", train, test, spec, range(2), 0, "cpu")
-
-
 DROP_NET = '''
 from torch import nn
 from distillkit import hookimpl
@@ -147,15 +137,19 @@ def register_models(register):
 '''
 
 
-def test_a_model_that_draws_random_numbers_trains_run_by_run(mnist, tmp_path):
-    """Stacked dropout would draw every run's masks from one stream; such a model must not stack."""
+@pytest.mark.parametrize(("name", "source", "runs", "why"), [
+    ("itemnet", ITEM_NET, 2, ""),  # vmap cannot batch its forward
+    # stacked dropout would draw every run's masks from one stream
+    ("dropnet", DROP_NET, 3, ": its training forward draws random"),
+])
+def test_a_model_that_cannot_stack_trains_run_by_run(mnist, tmp_path, name, source, runs, why):
     spec, train, test = mnist
-    (tmp_path / "dropnet.py").write_text(DROP_NET)
+    (tmp_path / f"{name}.py").write_text(source)
     registry.load_plugins(tmp_path)
     proto = resolve_protocol("smoke", epochs=2)
-    with pytest.warns(UserWarning, match="dropnet: runs train one by one: its training forward draws random"):
-        forced = proto.with_overrides(stacked=True).evaluate("dropnet", train, test, spec, range(3), 0, "cpu")
-    assert forced == proto.with_overrides(stacked=False).evaluate("dropnet", train, test, spec, range(3), 0, "cpu")
+    with pytest.warns(UserWarning, match=f"{name}: {FALLBACK}{why}"):
+        forced = proto.with_overrides(stacked=True).evaluate(name, train, test, spec, range(runs), 0, "cpu")
+    assert forced == proto.with_overrides(stacked=False).evaluate(name, train, test, spec, range(runs), 0, "cpu")
 
 
 @pytest.mark.parametrize("stacked", [False, True])
