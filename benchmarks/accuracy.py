@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
-import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, device_label, print_table, write_report
+from benchmarks.common import RESULTS, device_label, print_table, provenance, write_report
 from distillkit.cli import cli
 from distillkit.condense import resolve_device
 
@@ -74,7 +71,6 @@ def main() -> None:
     epochs, runs = args.epochs or scale["epochs"], args.runs or scale["runs"]
     device = resolve_device(args.device)
     distilled = [m for m in args.methods if m != "random"]
-    command = " ".join(shlex.quote(a) for a in ["python", "-m", "benchmarks.accuracy", *sys.argv[1:]])
     rows = []
     for ipc in args.ipc:  # small IPCs first: the quick cells land early
         for dataset in args.datasets:
@@ -96,7 +92,8 @@ def main() -> None:
                     name = method if row["kind"] == "synthetic" else "random"
                     published = PUBLISHED.get((dataset, ipc), {}).get(name)
                     rows.append({
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"], "std": row["std"],
+                        **provenance(), "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"],
+                        "std": row["std"],
                         "accuracies": row["accuracies"], "model": row["model"], "protocol": row["protocol"],
                         "epochs": epochs, "runs": runs, "seed": args.seed,
                         **({"iterations": config["iterations"], "batch_real": config["batch_real"],

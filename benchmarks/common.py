@@ -46,13 +46,20 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return sorted(times)[len(times) // 2], times
 
 
+def provenance() -> dict[str, str]:
+    """The command that is running and the time now: stamped on every result file (and on rows of a grid)."""
+    return {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
 def write_report(name: str, device: torch.device, rows: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None
                  ) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{device_label(device)}.json"
-    atomic_write_json({"benchmark": name, "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+    stamp = provenance()
+    atomic_write_json({"benchmark": name, "command": stamp["command"],
                        "machine": machine(device), "versions": versions(),
-                       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": list(rows), **(extra or {})}, path)
+                       "date": stamp["date"], "rows": list(rows), **(extra or {})}, path)
     return path
 
 
