@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, device_label, print_table, provenance, write_report
 from distillkit.cli import cli
-from distillkit.condense import resolve_device
+from distillkit.devices import resolve_device
 
 SCALES = {
     "smoke": {"distill": ["--iterations", "100", "--batch-real", "64"], "epochs": 300, "runs": 3},

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import print_table, write_report
-from distillkit.condense import resolve_device
+from distillkit.devices import resolve_device
 
 
 def _launcher(processes: int) -> list[str]:

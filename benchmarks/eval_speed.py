@@ -32,7 +32,9 @@ import torch
 from benchmarks.common import write_report
 from distillkit import registry
 from distillkit.data import load_split, resolve_root
-from distillkit.evaluate import TrainingProtocol, random_subset
+from distillkit.engine import TrainingProtocol
+from distillkit.evaluate import random_subset
+from distillkit.models import builder
 from distillkit.interfaces import TrainingSet
 
 VARIANTS = {"sequential": {"stacked": False}, "stacked": {"stacked": True},
@@ -87,7 +89,7 @@ def measure(protocol: TrainingProtocol, train: TrainingSet, test: TrainingSet, s
     _Timed.log = dict.fromkeys(("first_step_s", "steady_step_s_per_epoch", "steady_step_cpu_s_per_epoch", "test_s"),
                                0.0)
     cpu, wall = time.process_time(), time.perf_counter()
-    accuracies = timed.evaluate("convnet3", train, test, spec, range(runs), 0, device)
+    accuracies = timed.evaluate(builder("convnet3", spec), train, test, spec, range(runs), 0, device)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     log = _Timed.log
     return {"wall_s": wall, "cpu_s": cpu, "first_steps_s": log["first_step_s"],

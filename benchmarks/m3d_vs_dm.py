@@ -27,7 +27,8 @@ import torch
 
 from benchmarks.common import print_table, timed, write_report
 from distillkit import registry
-from distillkit.condense import Condenser, resolve_device
+from distillkit.condense import Condenser
+from distillkit.devices import resolve_device
 from distillkit.config import resolve
 from distillkit.data import load_split, resolve_root
 

@@ -31,11 +31,6 @@ ARTIFACT_FORMAT = "distillkit.synthetic-set"
 CHECKPOINT_FORMAT = "distillkit.checkpoint"
 FORMAT_VERSION = 1
 
-SYNTHETIC_FILE = "synthetic.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
-CONFIG_FILE = "config.json"
-LOSS_LOG = "losses.jsonl"
-
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format, the only one distillkit writes
 
 
@@ -196,24 +191,18 @@ def save_synthetic(path: Path, *, images: Tensor, labels: Tensor, stored: Tensor
         "parameterization": parameterization,
         "parameterization_state": {k: v.detach().cpu() for k, v in parameterization_state.items()},
         "class_names": list(class_names),
-        "mean": list(spec.mean), "std": list(spec.std),
-        "channels": spec.channels, "height": spec.height, "width": spec.width, "num_classes": spec.num_classes,
+        **spec.as_dict(),
         "ipc": config["ipc"], "seed": config["seed"], "dataset": dataset, "method": method,
         "iterations_done": iterations_done, "config": dict(config), "versions": versions(),
     }, path)
 
 
 def load_synthetic(path: Path) -> SyntheticSet:
-    """Load ``synthetic.pt`` (or the one inside a run directory)."""
+    """Load an artifact file (a run directory's: :func:`distillkit.rundir.load_run_synthetic`)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / SYNTHETIC_FILE
-        if not path.exists():
-            raise UsageError(f"{path.parent} holds no {SYNTHETIC_FILE}: is it a finished distillkit run directory?")
     obj = safe_load(path, ARTIFACT_FORMAT)
     try:
-        spec = ImageSpec(int(obj["channels"]), int(obj["height"]), int(obj["width"]), int(obj["num_classes"]),
-                         tuple(obj["mean"]), tuple(obj["std"]))
+        spec = ImageSpec.from_dict(obj)
         images, labels = obj["images"], obj["labels"]
         if images.ndim != 4 or images.shape[0] != labels.shape[0] or tuple(images.shape[1:]) != (
                 spec.channels, spec.height, spec.width):

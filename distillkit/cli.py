@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -13,16 +12,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from distillkit import __version__, registry
+from distillkit.devices import rank as _rank
 from distillkit.errors import UsageError
-
-
-def _rank() -> int:
-    """This process's rank under torchrun (0 otherwise): only rank 0 talks."""
-    return int(os.environ.get("RANK", "0"))
-
 
 console = Console(stderr=True, quiet=_rank() > 0)
 out = Console(quiet=_rank() > 0)
+
+
+def device_options(command):
+    """``--device`` and ``--data-root``, shared by every command that loads data (one policy, one help text)."""
+    command = click.option("--data-root", type=click.Path(path_type=Path),
+                           help="Dataset folder (else $DISTILLKIT_DATA, else cache).")(command)
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(command)
 
 
 class _Main(click.Group):
@@ -85,8 +86,7 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
               help="Component option, repeatable: objective.kernel=linear, parameterization.factor=3, "
                    "sampler.period=10, dataset.path=/data/imgs.")
 @click.option("--seed", type=int, default=None, help="The one seed every random stream derives from.  [default: 0]")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder (else $DISTILLKIT_DATA, else cache).")
+@device_options
 @click.option("--checkpoint-every", type=int, help="Write a checkpoint every N iterations.  [default: 100]")
 @click.option("--log-every", type=int, help="Read the loss back and log it every N iterations.  [default: 10]")
 @click.option("--real-chunk", type=int, help="Classes per batched real-feature forward (bounds memory).  [default: all]")
@@ -104,15 +104,18 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume_dir, overwrite, **overrides) -> None:
     """Learn a synthetic set and write it to a run directory."""
-    from distillkit.artifact import CONFIG_FILE
-    from distillkit.condense import Interrupted, distill as run_distill, resolve_device
     from distillkit.config import parse_sets, resolve
     from distillkit.data import resolve_root
+    from distillkit.devices import resolve_device
+    from distillkit.rundir import RunDir
+    from distillkit.runner import Interrupted, distill as run_distill
 
     if resume_dir is not None:
         if overwrite:
             raise UsageError(f"--resume {resume_dir} continues a run and --overwrite replaces one: pass only one")
-        cfg = _resumed_config(resume_dir, method, dataset, ipc, out_dir, sets, seed, overrides)
+        given = {"method": method, "dataset": dataset, "ipc": ipc, "seed": seed,
+                 **{k: v for k, v in overrides.items() if k in _RUN_OVERRIDES}}
+        cfg = RunDir(resume_dir).resumed_config(given, sets, out_dir)
         run_dir = resume_dir
     else:
         method_obj = registry.create("methods", method or "dm")
@@ -120,12 +123,8 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
                       {**overrides, "seed": seed}, parse_sets(sets))
         registry.create("datasets", cfg.dataset, **cfg.dataset_options)  # unknown dataset: fail before any I/O
         run_dir = out_dir or Path("runs") / f"{cfg.method}-{cfg.dataset}-ipc{cfg.ipc}"
-        if _rank() == 0 and run_dir.exists() and any(run_dir.iterdir()):  # under torchrun, rank 0 decides
-            if not overwrite:
-                raise UsageError(f"run directory {run_dir} already exists; pass --resume {run_dir} to continue it "
-                                 f"or --overwrite to replace it")
-            if not (run_dir / CONFIG_FILE).exists():
-                raise UsageError(f"--overwrite refused: {run_dir} is not a distillkit run directory (no {CONFIG_FILE})")
+        if _rank() == 0:  # under torchrun, rank 0 decides
+            RunDir(run_dir).check_new(overwrite)
     cfg.check_names()  # before the first line of output: a typo gets one line, not a progress bar
     dev = resolve_device(device)
     console.print(f"[bold]distill[/] {cfg.method} on {cfg.dataset}, IPC {cfg.ipc}, {cfg.iterations} iterations, "
@@ -149,38 +148,6 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
             click.echo("interrupted before the first iteration; nothing to keep, run the command again", err=True)
             sys.exit(130)
     out.print(f"wrote {path}")
-
-
-def _resumed_config(run_dir: Path, method, dataset, ipc, out_dir, sets, seed, overrides):
-    import json
-    from dataclasses import replace
-
-    from distillkit.artifact import CONFIG_FILE
-    from distillkit.config import ENGINE_FIELDS, RunConfig, parse_sets
-
-    path = run_dir / CONFIG_FILE
-    if not path.exists():
-        raise UsageError(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a distillkit run directory?")
-    try:
-        cfg = RunConfig.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise UsageError(f"--resume {run_dir}: {path} is damaged ({exc})") from None
-    given = {"method": method, "dataset": dataset, "ipc": ipc, "seed": seed,
-             **{k: v for k, v in overrides.items() if k in _RUN_OVERRIDES}}
-    engine = {k: v for k, v in given.items() if k in ENGINE_FIELDS and v is not None}
-    recorded = cfg.as_dict()
-    clashes = [f"--{k.replace('_', '-')} {v!r} (recorded {recorded[k]!r})"
-               for k, v in given.items() if v is not None and v != recorded[k] and k not in engine]
-    for component, options in parse_sets(sets).items():
-        for key, value in options.items():
-            if recorded[f"{component}_options"].get(key) != value:
-                clashes.append(f"--set {component}.{key}={value!r}")
-    if out_dir is not None and Path(out_dir) != run_dir:
-        clashes.append(f"--out {out_dir}")
-    if clashes:
-        raise UsageError(f"--resume {run_dir} keeps the recorded config; these flags contradict it: "
-                         f"{'; '.join(clashes)}")
-    return replace(cfg, **engine)  # speed settings may change on resume; config.json keeps the first ones
 
 
 def _progress() -> Progress:
@@ -208,18 +175,17 @@ def _progress() -> Progress:
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also evaluate a random real subset at the same IPC.")
 @click.option("--seed", type=int, help="Evaluation seed.  [default: the run's seed]")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--data-root", type=click.Path(path_type=Path), help="Dataset folder (else $DISTILLKIT_DATA, else cache).")
+@device_options
 def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, device,
              data_root) -> None:
     """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv.
 
     Under torchrun the runs are shared out over the processes; rank 0 writes the merged files.
     """
-    from distillkit.condense import resolve_device
     from distillkit.data import resolve_root
+    from distillkit.devices import resolve_device
     from distillkit.evaluate import evaluate_run, resolve_protocol
-    from distillkit.zoo import known_model
+    from distillkit.models import known_model
 
     proto = resolve_protocol(protocol, epochs=epochs, test_limit=test_limit, stacked=stacked, compile=compile_)
     patterns = [m.strip() for m in models.split(",") if m.strip()]
@@ -250,7 +216,10 @@ def _print_eval(report: dict) -> None:
         cell = lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "-"  # noqa: E731
         table.add_row(model, cell(kinds.get("synthetic")), cell(kinds.get("random-baseline")))
     out.print(table)
-    out.print(f"wrote {Path(report['run']) / 'eval.json'} and eval.csv")
+    from distillkit.rundir import RunDir
+
+    run = RunDir(report["run"])
+    out.print(f"wrote {run.eval_json} and {run.eval_csv.name}")
 
 
 # -- plugins, list, show ---------------------------------------------------
@@ -318,11 +287,11 @@ def list_(kind: str, pattern: str) -> None:
 @click.option("--max-per-class", type=int, default=20, show_default=True, help="Images per row at most.")
 def show(run_dir: Path, output: Path | None, decoded: bool, max_per_class: int) -> None:
     """Draw the synthetic images as a grid, one row per class, labelled with class names."""
-    from distillkit.artifact import load_synthetic
     from distillkit.pictures import image_grid
+    from distillkit.rundir import RunDir, load_run_synthetic
 
-    synthetic = load_synthetic(run_dir)
-    target = output or Path(run_dir) / "grid.png"
+    synthetic = load_run_synthetic(run_dir)
+    target = output or RunDir(run_dir).grid
     images, labels = (synthetic.images, synthetic.labels) if decoded else (synthetic.stored, synthetic.stored_labels)
     image_grid(synthetic.spec.denormalize(images), labels, synthetic.class_names, target, max_per_class)
     out.print(f"wrote {target}")
@@ -335,8 +304,9 @@ def show(run_dir: Path, output: Path | None, decoded: bool, max_per_class: int) 
 def plot(run_dir: Path, output: Path | None) -> None:
     """Draw the loss curve and, if the run was evaluated, accuracy per model beside the random baseline."""
     from distillkit.pictures import plot_run
+    from distillkit.rundir import RunDir
 
-    target = output or Path(run_dir) / "plot.png"
+    target = output or RunDir(run_dir).plot
     panels = plot_run(run_dir, target)
     out.print(f"wrote {target} ({' and '.join(panels)})")
 

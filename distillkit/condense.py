@@ -23,37 +23,28 @@ augmentation parameters and the synthetic subsets here; the initialisation;
 the sampler's networks, built inside :func:`~distillkit.seeding.seeded`, which
 restores torch's global generator afterwards. A checkpoint records the seed and
 this scheme (``STREAMS``) so it describes itself. Nothing may draw from torch's
-global generators, whose state a checkpoint does not hold: the loop checks this
-at every checkpoint and warns if a component did.
+global generators, whose state a checkpoint does not hold: the run loop
+(:mod:`distillkit.runner`) checks this at every checkpoint and warns if a component did.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
-import math
-import os
-import shutil
-import signal
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from distillkit import registry
-from distillkit.artifact import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, safe_load
+from distillkit import devices, registry
 from distillkit.augment import Augment, AugmentParams
 from distillkit.config import RunConfig
 from distillkit.data import RealData
-from distillkit.distributed import World, any_across, merge_state, sum_across
-from distillkit.errors import NonFiniteLossError, UsageError
+from distillkit.distributed import World, merge_state
+from distillkit.errors import UsageError
 from distillkit.interfaces import Objective, Parameterization, Sampler
 from distillkit.seeding import generator
-from distillkit.zoo import cache_sized_batch
 
 #: What a checkpoint records instead of RNG states: how every random stream is derived.
 STREAMS = {
@@ -151,7 +142,7 @@ class Condenser:
                              for c in classes]).to(syn.device)
         return torch.stack([s[p] for s, p in zip(syn, picks)])
 
-    def step(self) -> Tensor:
+    def run_iteration(self) -> Tensor:
         """Run iteration ``self.iteration``; returns the summed loss over owned classes (a device scalar)."""
         it, seed, classes = self.iteration, self.cfg.seed, self.classes
         self.param.project()
@@ -225,26 +216,20 @@ class Condenser:
 
     @functools.cached_property
     def forward_batch(self) -> int | None:
-        """Images per extractor call, real and synthetic (None: all at once).
-
-        ``--forward-batch`` if given. Otherwise, on a CPU, :func:`~distillkit.zoo.cache_sized_batch`
-        when the extractor embeds every image on its own. Measured on a 2-core CPU, bit-identical
-        results: DM's iteration 1.7-2.5x faster (real features), M3D's at IPC 50 another 1.4x (its
-        4 x IPC decoded images, forward and backward). A batch-dependent extractor (batch-norm
-        statistics, dropout) keeps one call, and so do accelerators, where one large launch is the
-        fast shape.
-        """
+        """Images per extractor call, real and synthetic (None: all at once): ``--forward-batch`` if given,
+        else :func:`~distillkit.devices.default_forward_batch` (which asks whether the extractor embeds
+        images independently: batch-norm statistics or dropout make features depend on the batch)."""
         if self.cfg.forward_batch is not None:
             return self.cfg.forward_batch
-        if self.device.type != "cpu":
-            return None
-        probe = self.real.images[:4]
-        extract = self.sampler.extractor(self.iteration)
-        with torch.no_grad():
-            together, apart = extract(probe), torch.cat([extract(x) for x in probe.split(2)])
-        if not torch.allclose(together, apart, rtol=1e-4, atol=1e-5):
-            return None
-        return cache_sized_batch(self.real.spec.height, self.real.spec.width)
+        spec = self.real.spec
+        independent = False
+        if devices.is_cpu(self.device):  # the probe matters only where the policy would split
+            probe = self.real.images[:4]
+            extract = self.sampler.extractor(self.iteration)
+            with torch.no_grad():
+                together, apart = extract(probe), torch.cat([extract(x) for x in probe.split(2)])
+            independent = torch.allclose(together, apart, rtol=1e-4, atol=1e-5)
+        return devices.default_forward_batch(self.device, spec.height, spec.width, independent)
 
     def _features(self, extract: Callable[[Tensor], Tensor], images: Tensor, batch: int | None = None) -> Tensor:
         if self.cfg.channels_last:
@@ -253,216 +238,3 @@ class Condenser:
             if batch is None or len(images) <= batch:
                 return extract(images).float()
             return torch.cat([extract(x) for x in images.split(batch)]).float()
-
-
-# -- the run directory ----------------------------------------------------
-
-
-class Interrupted(Exception):
-    """SIGINT or SIGTERM (``signum``) arrived; a checkpoint was written at ``iteration``."""
-
-    def __init__(self, iteration: int, signum: int = signal.SIGINT) -> None:
-        super().__init__(iteration, signum)
-        self.iteration, self.signum = iteration, int(signum)
-
-
-def save_checkpoint(condenser: Condenser, path: Path, log_position: int) -> None:
-    """Write the whole state (merged across ranks when class-sharded; rank 0 writes)."""
-    state = condenser.merged_state_dict()
-    if condenser.world.is_main:
-        atomic_save({"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION, "config": condenser.cfg.as_dict(),
-                     "seed": condenser.cfg.seed, "streams": STREAMS, "log_position": log_position, **state}, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    return safe_load(path, CHECKPOINT_FORMAT)
-
-
-def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | None,
-             on_progress: Callable[[int, float | None], None] = lambda it, loss: None) -> None:
-    """Iterate to ``cfg.iterations``, logging losses and checkpointing at intervals.
-
-    The host reads the loss back only at log and checkpoint intervals (no
-    per-iteration device sync). A non-finite loss stops the run before the next
-    checkpoint is written, so the last good checkpoint survives. SIGINT or SIGTERM
-    finishes the current iteration, writes a checkpoint and raises
-    :class:`Interrupted`. The log is fsynced before each checkpoint, so a
-    checkpoint never points past the end of the log.
-    """
-    cfg = condenser.cfg
-    pending: list[tuple[int, Tensor]] = []
-    stop = {"requested": False, "signum": signal.SIGINT}
-    global_rng = _global_rng_state(condenser.device)
-
-    def request_stop(signum, frame):  # noqa: ARG001
-        stop["requested"], stop["signum"] = True, signum
-
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, request_stop) for s in signals} if _main_thread() else {}
-    log = open(loss_log, "a", encoding="utf-8") if loss_log and condenser.world.is_main else None
-    try:
-        while condenser.iteration < cfg.iterations:
-            it = condenser.iteration
-            pending.append((it, condenser.step()))
-            done = condenser.iteration
-            at_checkpoint = checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations)
-            at_log = done % cfg.log_every == 0 or at_checkpoint or done == cfg.iterations
-            if condenser.world.active:  # ranks agree on stopping at log intervals, so collectives stay in step
-                stop["requested"] = at_log and any_across(stop["requested"], condenser.device)
-            if at_log or stop["requested"]:
-                last = _flush(pending, log, condenser.real.spec.num_classes, condenser.world)
-                pending.clear()
-                on_progress(done, last)
-            else:
-                on_progress(done, None)
-            if checkpoint is not None and (at_checkpoint or stop["requested"]):
-                if log:
-                    os.fsync(log.fileno())
-                save_checkpoint(condenser, checkpoint, log.tell() if log else 0)
-                global_rng = _check_global_rng(global_rng, condenser.device)
-            if stop["requested"]:
-                raise Interrupted(done, stop["signum"])
-    finally:
-        if log:
-            log.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _global_rng_state(device: torch.device) -> list[Tensor]:
-    states = [torch.random.get_rng_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
-def _check_global_rng(before: list[Tensor], device: torch.device) -> list[Tensor]:
-    """Warn when a component drew from torch's global generators, which checkpoints do not hold."""
-    now = _global_rng_state(device)
-    if any(not torch.equal(a, b) for a, b in zip(before, now)):
-        warnings.warn("a component drew from torch's global random generator: this run is not reproducible and "
-                      "will not resume exactly; derive its randomness with distillkit.seeding", RuntimeWarning,
-                      stacklevel=2)
-    return now
-
-
-def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int, world: World) -> float | None:
-    if not pending:
-        return None
-    losses = torch.stack([loss for _, loss in pending])
-    values = (sum_across(losses) if world.active else losses).tolist()  # one host sync per interval
-    for (it, _), value in zip(pending, values):
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
-                                     f"checkpoint was kept (lower --lr-img or check the data)")
-        if log:
-            log.write(json.dumps({"iteration": it, "loss": value / num_classes}) + "\n")
-    if log:
-        log.flush()
-    return values[-1] / num_classes
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def _resume_state(cfg: RunConfig, checkpoint: Path, loss_log: Path) -> dict:
-    """The checkpoint to resume from, after checking it belongs to ``cfg`` and to the loss log beside it."""
-    state = load_checkpoint(checkpoint)
-    try:  # through RunConfig, so fields added since the run started take their defaults on both sides
-        same = RunConfig.from_dict(state["config"]).recipe() == cfg.recipe()
-    except (KeyError, TypeError):
-        same = False
-    if not same:
-        raise UsageError(f"{checkpoint} was written by a different config than the run's config.json; "
-                         f"the run directory was altered, start a new run")
-    position = int(state["log_position"])
-    size = loss_log.stat().st_size if loss_log.exists() else 0
-    if size < position:
-        raise UsageError(f"{loss_log} has {size} bytes but the checkpoint follows it to byte {position}: "
-                         f"the loss log was truncated or replaced; restore it or start a new run")
-    return state
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N") from None
-
-
-def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: Path, resume: bool,
-            overwrite: bool = False,
-            on_progress: Callable[[int, float | None], None] = lambda it, loss: None) -> Path:
-    """Run (or resume) a distillation into ``run_dir``; returns the artifact path.
-
-    Every check that can fail on bad input (names, data files, IPC, the
-    extractor on the dataset's images, the checkpoint) runs before the first
-    write, so a refused run leaves an existing ``run_dir`` untouched; with
-    ``overwrite`` the old directory is removed only then. Resuming a run that
-    was killed before its first checkpoint starts it afresh (same result).
-
-    Under torchrun the classes are sharded over the ranks (see
-    :mod:`distillkit.distributed`); rank 0 writes every file.
-    """
-    from distillkit.artifact import (CHECKPOINT_FILE, CONFIG_FILE, LOSS_LOG, SYNTHETIC_FILE, atomic_write_json,
-                                     save_synthetic)
-    from distillkit.data import load_split
-    from distillkit.distributed import device_for_rank, world as join_world
-
-    cfg.check_names()
-    device = device_for_rank(device)
-    world = join_world(device)
-    dataset = registry.create("datasets", cfg.dataset, **cfg.dataset_options)
-    real = load_split(dataset, data_root, train=True, device="cpu")
-    owned = world.owned(real.spec.num_classes)
-    condenser = Condenser(cfg, real.restricted(owned, device), device, owned, world)
-    checkpoint, loss_log = run_dir / CHECKPOINT_FILE, run_dir / LOSS_LOG
-    state = _resume_state(cfg, checkpoint, loss_log) if resume and checkpoint.exists() else None
-    if state is not None:
-        condenser.load_state_dict(state)
-    condenser.preflight()
-    if overwrite and world.is_main and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_main:  # temporary files of atomic writes a killed run left behind
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    if state is not None:
-        if world.is_main:
-            with open(loss_log, "a+b") as fh:  # drop log lines written after the checkpoint
-                fh.truncate(int(state["log_position"]))
-    else:
-        condenser.initialize(real)  # every rank initialises every class identically from the full split
-        if world.is_main:
-            atomic_write_json(cfg.as_dict(), run_dir / CONFIG_FILE)
-            loss_log.unlink(missing_ok=True)
-        save_checkpoint(condenser, checkpoint, 0)
-    del real
-    on_progress(condenser.iteration, None)
-    run_loop(condenser, checkpoint=checkpoint, loss_log=loss_log, on_progress=on_progress)
-
-    param, spec = condenser.param, condenser.real.spec
-    if world.active:
-        param.load_state_dict(condenser.merged_state_dict()["parameterization"])
-    path = run_dir / SYNTHETIC_FILE
-    if world.is_main:
-        with torch.no_grad():
-            decoded = param.decode(range(spec.num_classes))
-        labels = torch.arange(spec.num_classes).repeat_interleave(decoded.shape[1])
-        stored = param.stored()
-        save_synthetic(path, images=decoded.flatten(0, 1), labels=labels, stored=stored,
-                       stored_labels=torch.arange(spec.num_classes).repeat_interleave(
-                           stored.shape[0] // spec.num_classes),
-                       spec=spec, class_names=condenser.real.class_names, parameterization=cfg.parameterization,
-                       parameterization_state=param.state_dict(), config=cfg.as_dict(), dataset=dataset.name,
-                       method=cfg.method, iterations_done=condenser.iteration)
-    if world.active:
-        torch.distributed.barrier()
-    return path

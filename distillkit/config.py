@@ -12,8 +12,8 @@ from distillkit.interfaces import Method
 COMPONENTS = ("objective", "parameterization", "sampler", "dataset")
 
 
-#: RunConfig fields that change how fast a run computes, not what: ``--resume`` may change them
-ENGINE_FIELDS = ("checkpoint_every", "log_every", "real_chunk", "forward_batch", "channels_last")
+#: RunConfig fields that change how fast a run computes, not what (speed settings): ``--resume`` may change them
+SPEED_FIELDS = ("checkpoint_every", "log_every", "real_chunk", "forward_batch", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,8 @@ class RunConfig:
         return json.loads(json.dumps(asdict(self)))
 
     def recipe(self) -> dict[str, Any]:
-        """:meth:`as_dict` without the :data:`ENGINE_FIELDS`: what decides the result."""
-        return {k: v for k, v in self.as_dict().items() if k not in ENGINE_FIELDS}
+        """:meth:`as_dict` without the :data:`SPEED_FIELDS`: what decides the result."""
+        return {k: v for k, v in self.as_dict().items() if k not in SPEED_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
@@ -74,10 +74,6 @@ class RunConfig:
         for kind, name in (("objectives", self.objective), ("parameterizations", self.parameterization),
                            ("samplers", self.sampler), ("datasets", self.dataset)):
             registry.plugins()[kind].get(name)
-
-    def differences(self, other: "RunConfig", ignore: tuple[str, ...] = ()) -> list[str]:
-        a, b = self.as_dict(), other.as_dict()
-        return [f"{k}: recorded {a[k]!r}, given {b[k]!r}" for k in a if k not in ignore and a[k] != b[k]]
 
 
 def lr_for_ipc(lr: float | Mapping[int, float], ipc: int) -> float:

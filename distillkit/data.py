@@ -26,12 +26,15 @@ CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
+    """The data root as an absolute path, resolved once against the current directory (a relative
+    ``--data-root`` or ``$DISTILLKIT_DATA`` means the same folder wherever the path is used later)."""
     if data_root:
-        return Path(data_root).expanduser()
-    if os.environ.get("DISTILLKIT_DATA"):
-        return Path(os.environ["DISTILLKIT_DATA"]).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "distillkit" / "data"
+        root = Path(data_root)
+    elif os.environ.get("DISTILLKIT_DATA"):
+        root = Path(os.environ["DISTILLKIT_DATA"])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distillkit" / "data"
+    return root.expanduser().absolute()
 
 
 DOWNLOAD_TIMEOUT_S = 30.0  # per network operation: offline, a download fails in seconds instead of hanging
@@ -105,24 +108,24 @@ def builtin_datasets() -> dict[str, Callable[..., DatasetSpec]]:
     svhn_splits = {"train": {"split": "train"}, "test": {"split": "test"}}
     fixed = {
         "mnist": DatasetSpec(
-            "mnist", 1, 28, 28, DIGITS, (0.1307,), (0.3081,),
+            "mnist", ImageSpec(1, 28, 28, 10, (0.1307,), (0.3081,)), DIGITS,
             _torchvision_split("MNIST", "MNIST/raw", _MNIST_FILES), "MNIST digits, 60k/10k, 1x28x28",
         ),
         "fashionmnist": DatasetSpec(
-            "fashionmnist", 1, 28, 28, FASHION, (0.2861,), (0.3530,),
+            "fashionmnist", ImageSpec(1, 28, 28, 10, (0.2861,), (0.3530,)), FASHION,
             _torchvision_split("FashionMNIST", "FashionMNIST/raw", _MNIST_FILES), "Fashion-MNIST, 60k/10k, 1x28x28",
         ),
         "cifar10": DatasetSpec(
-            "cifar10", 3, 32, 32, CIFAR10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010),
+            "cifar10", ImageSpec(3, 32, 32, 10, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)), CIFAR10,
             _torchvision_split("CIFAR10", "cifar-10-batches-py", ("cifar-10-python.tar.gz",)), "CIFAR-10, 50k/10k, 3x32x32",
         ),
         "cifar100": DatasetSpec(
-            "cifar100", 3, 32, 32, tuple(f"class{i}" for i in range(100)), (0.5071, 0.4866, 0.4409),
-            (0.2673, 0.2564, 0.2762),
+            "cifar100", ImageSpec(3, 32, 32, 100, (0.5071, 0.4866, 0.4409), (0.2673, 0.2564, 0.2762)),
+            tuple(f"class{i}" for i in range(100)),
             _torchvision_split("CIFAR100", "cifar-100-python", ("cifar-100-python.tar.gz",)), "CIFAR-100, 50k/10k, 3x32x32",
         ),
         "svhn": DatasetSpec(
-            "svhn", 3, 32, 32, DIGITS, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
+            "svhn", ImageSpec(3, 32, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)), DIGITS,
             _torchvision_split("SVHN", ".", ("train_32x32.mat", "test_32x32.mat"), **svhn_splits),
             "SVHN digits, 73k/26k, 3x32x32 (needs scipy)",
         ),
@@ -167,7 +170,8 @@ def image_folder(path: str, size: int = 32, channels: int = 3) -> DatasetSpec:
     x = probe.float() / 255
     mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
     std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return DatasetSpec(f"imagefolder:{root}", channels, size, size, classes, mean, std, load, f"ImageFolder at {root}")
+    return DatasetSpec(f"imagefolder:{root}", ImageSpec(channels, size, size, len(classes), mean, std), classes, load,
+                       f"ImageFolder at {root}")
 
 
 def fake(classes: int = 10, channels: int = 3, size: int = 32, per_class: int = 300, test_per_class: int = 100,
@@ -185,8 +189,8 @@ def fake(classes: int = 10, channels: int = 3, size: int = 32, per_class: int = 
         images = (0.6 * protos[labels] + 0.4 * noise).mul(255).round().to(torch.uint8)
         return images, labels
 
-    return DatasetSpec("fake", channels, size, size, tuple(f"class{i}" for i in range(classes)),
-                       (0.5,) * channels, (0.25,) * channels, load, "generated patterns, no files needed")
+    return DatasetSpec("fake", ImageSpec(channels, size, size, classes, (0.5,) * channels, (0.25,) * channels),
+                       tuple(f"class{i}" for i in range(classes)), load, "generated patterns, no files needed")
 
 
 @dataclass
@@ -237,9 +241,9 @@ class RealData:
 
 def load_split(spec: DatasetSpec, root: Path, train: bool, device: torch.device | str = "cpu") -> RealData:
     raw, labels = spec.load(root, train)
-    if raw.shape[1:] != (spec.channels, spec.height, spec.width):
-        raise UsageError(f"dataset {spec.name}: images have shape {tuple(raw.shape[1:])}, "
-                         f"expected {(spec.channels, spec.height, spec.width)}")
     image_spec = spec.image_spec
+    expected = (image_spec.channels, image_spec.height, image_spec.width)
+    if raw.shape[1:] != expected:
+        raise UsageError(f"dataset {spec.name}: images have shape {tuple(raw.shape[1:])}, expected {expected}")
     images = image_spec.normalize(raw.to(device=device).float().div_(255))
     return RealData(image_spec, images, labels.to(device), spec.class_names)

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from distillkit.artifact import (CHECKPOINT_FILE, CONFIG_FILE, LOSS_LOG, SYNTHETIC_FILE, SyntheticSet,
-                                 atomic_write_bytes, load_synthetic)
+from distillkit.artifact import SyntheticSet, atomic_write_bytes
+from distillkit.rundir import RunDir, load_run_synthetic
 from distillkit.errors import UsageError
 
 FORMATS = ("png-folder", "npz", "pt")
@@ -63,7 +63,7 @@ def export_run(run_dir: Path, fmt: str, output: Path, *, overwrite: bool = False
     """Write the decoded synthetic set of ``run_dir`` to ``output`` in ``fmt``; returns the loaded set."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    synthetic = load_synthetic(run_dir)
+    synthetic = load_run_synthetic(run_dir)
     output = Path(output)
     _check_output(Path(run_dir), output, fmt, overwrite)
     images01 = synthetic.spec.denormalize(synthetic.images).clamp(0, 1)
@@ -86,8 +86,7 @@ def export_run(run_dir: Path, fmt: str, output: Path, *, overwrite: bool = False
 
 
 def _check_output(run_dir: Path, output: Path, fmt: str, overwrite: bool) -> None:
-    if output.resolve().parent == run_dir.resolve() and output.name in (SYNTHETIC_FILE, CHECKPOINT_FILE, CONFIG_FILE,
-                                                                         LOSS_LOG):
+    if RunDir(run_dir).holds_record(output):
         raise UsageError(f"-o {output} would replace the run's own {output.name}; choose another path")
     if not output.exists():
         return

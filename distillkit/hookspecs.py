@@ -12,8 +12,8 @@ register_parameterizations :class:`~distillkit.interfaces.Parameterization`
 register_samplers          :class:`~distillkit.interfaces.Sampler`
 register_methods           a :class:`~distillkit.interfaces.Method` (the
                            "factory" may be the Method instance itself)
-register_protocols         :class:`~distillkit.interfaces.Protocol` (or the
-                           protocol instance itself)
+register_protocols         :class:`~distillkit.interfaces.EvalProtocol` (or
+                           the protocol instance itself)
 register_models            ``torch.nn.Module``; the name is also registered in
                            timm's registry so ``timm.create_model`` finds it
 register_datasets          :class:`~distillkit.interfaces.DatasetSpec`

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol as _Protocol, Sequence, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -42,25 +42,35 @@ class ImageSpec:
     def _stat(values: tuple[float, ...], like: Tensor) -> Tensor:
         return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, as files store them (:meth:`from_dict` reads them back)."""
+        return {"channels": self.channels, "height": self.height, "width": self.width,
+                "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ImageSpec":
+        return cls(int(data["channels"]), int(data["height"]), int(data["width"]), int(data["num_classes"]),
+                   tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A real dataset. ``load(root, train)`` returns ``(uint8 images (N, c, H, W), int64 labels (N,))``
-    and raises :class:`~distillkit.errors.UsageError` naming the missing files."""
+    """A real dataset: its images' :class:`ImageSpec`, class names and loader.
+
+    ``load(root, train)`` returns ``(uint8 images (N, c, H, W), int64 labels (N,))`` and raises
+    :class:`~distillkit.errors.UsageError` naming the missing or corrupt files.
+    """
 
     name: str
-    channels: int
-    height: int
-    width: int
+    image_spec: ImageSpec
     class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     load: Callable[[Path, bool], tuple[Tensor, Tensor]]
     description: str = ""
 
-    @property
-    def image_spec(self) -> ImageSpec:
-        return ImageSpec(self.channels, self.height, self.width, len(self.class_names), self.mean, self.std)
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.image_spec.num_classes:
+            raise ValueError(f"dataset {self.name!r}: {len(self.class_names)} class names for "
+                             f"{self.image_spec.num_classes} classes")
 
 
 class RealImages(_Protocol):
@@ -130,7 +140,7 @@ class Sampler(_Protocol):
     Factory: ``factory(spec: ImageSpec, seed: int, device: torch.device, **options)``.
     The extractor maps normalised images ``(N, c, H, W)`` to features ``(N, d)``. It must
     be a pure function of ``(seed, iteration)`` so runs resume and shard exactly;
-    :func:`distillkit.zoo.random_embedder` builds such networks.
+    :func:`distillkit.models.random_embedder` builds such networks.
     """
 
     def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]: ...
@@ -147,11 +157,26 @@ class TrainingSet:
     labels: Tensor
 
 
+@dataclass(frozen=True)
+class ModelBuilder:
+    """One evaluator architecture for one image spec: ``builder()`` returns a freshly initialised network.
+
+    Initialisation draws from torch's global generator, so callers build inside
+    :func:`~distillkit.seeding.seeded`; ``name`` keys those streams.
+    """
+
+    name: str
+    build: Callable[[], nn.Module]
+
+    def __call__(self) -> nn.Module:
+        return self.build()
+
+
 @runtime_checkable
-class Protocol(_Protocol):
+class EvalProtocol(_Protocol):
     """Trains evaluator models on a synthetic set and tests them on real data.
 
-    Registered as an instance (or a factory taking ``**overrides``).
+    Registered as an instance (or a factory returning one); the host calls exactly these members.
     """
 
     name: str
@@ -159,13 +184,21 @@ class Protocol(_Protocol):
     def settings(self) -> dict[str, Any]:
         """Every number that defines the protocol; stored with each result."""
 
+    def speed_settings(self, device: torch.device | str) -> dict[str, Any]:
+        """How results are computed on ``device`` (stacking, compilation, batch sizes): stored beside
+        :meth:`settings`, never part of them, because they change the speed and not the result."""
+
+    def with_overrides(self, **overrides: Any) -> "EvalProtocol":
+        """A copy with some settings replaced (``--epochs``, ``--test-limit``, ``--stacked``, ``--compile``);
+        ``None`` values mean "keep"; an unknown or invalid setting is a :class:`~distillkit.errors.UsageError`."""
+
     def evaluate(
-        self, model: str, train: TrainingSet, test: TrainingSet, spec: ImageSpec, run_ids: Sequence[int],
+        self, model: ModelBuilder, train: TrainingSet, test: TrainingSet, spec: ImageSpec, run_ids: Sequence[int],
         seed: int, device: torch.device,
     ) -> list[float]:
-        """Test accuracy (0-100) of a freshly trained ``model`` network per run in ``run_ids``, in that order.
+        """Test accuracy (0-100) of a freshly trained ``model()`` network per run in ``run_ids``, in that order.
 
-        Run ``r`` must depend only on ``(seed, model, r)``, never on which other runs share the
+        Run ``r`` must depend only on ``(seed, model.name, r)``, never on which other runs share the
         call: that is what lets ``evaluate`` spread runs over torchrun ranks and still write the
         numbers of a single process.
         """

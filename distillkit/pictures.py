@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 from torch import Tensor
 
-from distillkit.artifact import CONFIG_FILE, LOSS_LOG, atomic_write_bytes
+from distillkit.artifact import atomic_write_bytes
+from distillkit.rundir import LOSSES, RunDir
 from distillkit.errors import UsageError
 
 
@@ -97,11 +98,12 @@ def plot_run(run_dir: Path, path: Path) -> list[str]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir} is not a directory; give a distillkit run directory")
-    iterations, losses = read_losses(run_dir / LOSS_LOG)
-    results = read_eval(run_dir / "eval.json")
+    run = RunDir(run_dir)
+    iterations, losses = read_losses(run.losses)
+    results = read_eval(run.eval_json)
     panels = (["loss"] if losses else []) + (["accuracy"] if results else [])
     if not panels:
-        raise UsageError(f"nothing to plot in {run_dir}: no lines in {LOSS_LOG} and no eval.json")
+        raise UsageError(f"nothing to plot in {run_dir}: no lines in {LOSSES} and no {run.eval_json.name}")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False, dpi=100)
     for ax, panel in zip(axes[0], panels):
@@ -117,7 +119,7 @@ def plot_run(run_dir: Path, path: Path) -> list[str]:
 
 def _run_title(run_dir: Path) -> str:
     try:
-        cfg = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = json.loads(RunDir(run_dir).config.read_text(encoding="utf-8"))
         return f"{cfg['method']} on {cfg['dataset']}, IPC {cfg['ipc']}"
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return run_dir.name

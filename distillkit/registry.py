@@ -28,6 +28,7 @@ import pluggy
 
 from distillkit import hookspecs
 from distillkit.errors import UsageError
+from distillkit.zoo.registration import mirror
 
 ENTRY_POINT_GROUP = "distillkit"
 
@@ -235,6 +236,8 @@ class Plugins:
                     continue
                 for name, factory in found:  # a name taken by another plugin raises, naming both
                     registry.add(name, factory, plugin_name)
+        for entry in self.registries["models"].entries.values():  # timm.create_model finds plugin models too
+            mirror(entry.name, entry.factory)
 
     # -- queries ---------------------------------------------------------
     def __getitem__(self, kind: str) -> Registry:

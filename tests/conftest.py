@@ -9,8 +9,10 @@ import pytest
 from click.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("DISTILLKIT_DATA", str(ROOT.parent / "shared" / "data"))
-DATA = Path(os.environ["DISTILLKIT_DATA"])
+# Resolved once, here: the README's command gives a relative path, and tests that start subprocesses in
+# other folders or link data files must see the same absolute one.
+DATA = Path(os.environ.get("DISTILLKIT_DATA") or ROOT.parent / "shared" / "data").expanduser().resolve()
+os.environ["DISTILLKIT_DATA"] = str(DATA)
 
 
 def pytest_sessionstart(session):

@@ -186,14 +186,14 @@ def test_condense_loop_moves_only_through_gradients_and_is_class_separable(mnist
     full = Condenser(cfg, mnist, torch.device("cpu"))
     full.initialize()
     start = full.param.stored().clone()
-    losses = [full.step() for _ in range(3)]
+    losses = [full.run_iteration() for _ in range(3)]
     assert all(math.isfinite(float(l)) and float(l) > 0 for l in losses)
     assert not torch.equal(full.param.stored(), start)
     # a process owning only some classes produces exactly those classes' images (class sharding)
     half = Condenser(cfg, mnist, torch.device("cpu"), owned=[1, 4, 8])
     half.initialize()
     for _ in range(3):
-        half.step()
+        half.run_iteration()
     per_class = lambda p: p.param.stored().view(10, 2, 1, 28, 28)  # noqa: E731
     assert torch.equal(per_class(half)[[1, 4, 8]], per_class(full)[[1, 4, 8]])
 
@@ -202,11 +202,11 @@ def test_condense_state_round_trip_continues_identically(mnist):
     cfg = _tiny_cfg()
     a = Condenser(cfg, mnist, torch.device("cpu"))
     a.initialize()
-    a.step()
+    a.run_iteration()
     state = a.state_dict()
     b = Condenser(cfg, mnist, torch.device("cpu"))
     b.load_state_dict(state)
-    a.step(); b.step()
+    a.run_iteration(); b.run_iteration()
     assert b.iteration == a.iteration == 2
     assert torch.equal(a.param.stored(), b.param.stored())
 
@@ -219,7 +219,7 @@ def test_features_in_small_forward_batches_are_the_same_features(mnist):
         condenser = Condenser(_tiny_cfg(**kw), mnist, torch.device("cpu"))
         condenser.initialize()
         for _ in range(2):
-            condenser.step()
+            condenser.run_iteration()
         return condenser
 
     auto, one_call, odd = run(), run(forward_batch=10_000), run(forward_batch=7)
@@ -242,7 +242,7 @@ def test_amp_runs_bf16_features_on_a_cpu_that_has_bf16_and_refuses_otherwise(mni
         condenser = Condenser(replace(cfg, amp=amp), mnist, torch.device("cpu"))
         condenser.initialize()
         start = condenser.param.stored().clone()
-        condenser.step()
+        condenser.run_iteration()
         runs[amp] = condenser.param.stored() - start
     assert not torch.equal(runs[True], runs[False])  # bf16 really ran
     cosine = torch.nn.functional.cosine_similarity(runs[True].flatten(), runs[False].flatten(), dim=0)

@@ -13,10 +13,11 @@ import torch
 
 from distillkit import registry
 from distillkit.errors import UsageError
-from distillkit.evaluate import _Single, _Stacked, random_subset, resolve_protocol
+from distillkit.engine import _Single, _Stacked
+from distillkit.evaluate import random_subset, resolve_protocol
 from distillkit.interfaces import TrainingSet
 from distillkit.seeding import seeded
-from distillkit.zoo import create_model
+from distillkit.models import builder, create_model
 
 from tests.conftest import DATA, run_cli
 
@@ -69,9 +70,9 @@ def test_stacked_and_sequential_runs_agree(mnist, protocol, model):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        together = proto.with_overrides(stacked=True).evaluate(model, train, test, spec, range(3), 1, "cpu")
+        together = proto.with_overrides(stacked=True).evaluate(builder(model, spec), train, test, spec, range(3), 1, "cpu")
     assert not [w for w in caught if FALLBACK in str(w.message)]  # the stacked path really ran
-    one_by_one = proto.with_overrides(stacked=False).evaluate(model, train, test, spec, range(3), 1, "cpu")
+    one_by_one = proto.with_overrides(stacked=False).evaluate(builder(model, spec), train, test, spec, range(3), 1, "cpu")
     assert max(abs(a - b) for a, b in zip(together, one_by_one)) <= 100 / len(test.labels) + 1e-9
     assert all(a > 10 for a in together)  # 3 epochs on 20 real digits already beat chance
 
@@ -148,8 +149,8 @@ def test_a_model_that_cannot_stack_trains_run_by_run(mnist, tmp_path, name, sour
     registry.load_plugins(tmp_path)
     proto = resolve_protocol("smoke", epochs=2)
     with pytest.warns(UserWarning, match=f"{name}: {FALLBACK}{why}"):
-        forced = proto.with_overrides(stacked=True).evaluate(name, train, test, spec, range(runs), 0, "cpu")
-    assert forced == proto.with_overrides(stacked=False).evaluate(name, train, test, spec, range(runs), 0, "cpu")
+        forced = proto.with_overrides(stacked=True).evaluate(builder(name, spec), train, test, spec, range(runs), 0, "cpu")
+    assert forced == proto.with_overrides(stacked=False).evaluate(builder(name, spec), train, test, spec, range(runs), 0, "cpu")
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -157,9 +158,9 @@ def test_a_run_depends_only_on_its_own_id(mnist, stacked):
     """The contract torchrun sharding relies on: run 2 alone scores what it scores beside runs 0 and 1."""
     spec, train, test = mnist
     proto = resolve_protocol("smoke", epochs=2, stacked=stacked)
-    together = proto.evaluate("convnet3_w32", train, test, spec, range(3), 4, "cpu")
-    alone = proto.evaluate("convnet3_w32", train, test, spec, [2], 4, "cpu")
-    pair = proto.evaluate("convnet3_w32", train, test, spec, [2, 0], 4, "cpu")
+    together = proto.evaluate(builder("convnet3_w32", spec), train, test, spec, range(3), 4, "cpu")
+    alone = proto.evaluate(builder("convnet3_w32", spec), train, test, spec, [2], 4, "cpu")
+    pair = proto.evaluate(builder("convnet3_w32", spec), train, test, spec, [2, 0], 4, "cpu")
     if stacked:  # float rounding of the batched kernels: at most one test image
         tolerance = 100 / len(test.labels) + 1e-9
         assert abs(alone[0] - together[2]) <= tolerance and abs(pair[1] - together[0]) <= tolerance
@@ -172,9 +173,9 @@ def test_the_test_batch_changes_speed_not_accuracy(mnist):
     """The CPU tests in cache-sized batches by default; any batch gives the same accuracies."""
     spec, train, test = mnist
     proto = resolve_protocol("smoke", epochs=2, stacked=False)
-    default = proto.evaluate("convnet3_w32", train, test, spec, range(2), 0, "cpu")
+    default = proto.evaluate(builder("convnet3_w32", spec), train, test, spec, range(2), 0, "cpu")
     for batch in (7, 100_000):
-        assert proto.with_overrides(test_batch=batch).evaluate("convnet3_w32", train, test, spec, range(2), 0,
+        assert proto.with_overrides(test_batch=batch).evaluate(builder("convnet3_w32", spec), train, test, spec, range(2), 0,
                                                                "cpu") == default
 
 
@@ -183,9 +184,9 @@ def test_protocol_settings_and_engine_are_kept_apart():
     settings = proto.settings()
     assert settings["epochs"] == 7 and settings["lr"] == 0.01 and settings["milestones"] == [0.5]
     assert not {"stacked", "compile", "test_batch"} & set(settings)
-    assert proto.engine("cpu")["stacked"] is True
-    assert resolve_protocol("dc-classic").engine("cpu")["stacked"] is False  # default: run by run on the CPU
-    assert resolve_protocol("dc-classic").engine("cuda")["stacked"] is True
+    assert proto.speed_settings("cpu")["stacked"] is True
+    assert resolve_protocol("dc-classic").speed_settings("cpu")["stacked"] is False  # default: run by run on the CPU
+    assert resolve_protocol("dc-classic").speed_settings("cuda")["stacked"] is True
     with pytest.raises(UsageError, match="has no setting 'epoch'"):
         resolve_protocol("dc-classic", epoch=3)
     with pytest.raises(UsageError, match="--epochs must be positive"):
@@ -209,14 +210,14 @@ def test_cli_evaluate_globs_models_records_settings_and_baselines(tiny_dm_run, t
     smoke = registry.create("protocols", "smoke").settings()
     for row in rows:
         assert row["protocol"] == "smoke" and row["protocol_settings"] == {**smoke, "epochs": 2, "test_limit": 200}
-        assert row["engine"]["stacked"] is False and len(row["accuracies"]) == 2 and row["train_images"] == 10
+        assert row["speed_settings"]["stacked"] is False and len(row["accuracies"]) == 2 and row["train_images"] == 10
     csv = (run_dir / "eval.csv").read_text().splitlines()
     assert csv[0].startswith("model,kind,protocol") and len(csv) == 5
 
     # the same protocol computed stacked replaces those rows, with the same numbers
     run_cli(*args, "--epochs", "2", "--stacked")
     again = json.loads((run_dir / "eval.json").read_text())["results"]
-    assert len(again) == 4 and all(r["engine"]["stacked"] for r in again)
+    assert len(again) == 4 and all(r["speed_settings"]["stacked"] for r in again)
     before = {(r["model"], r["kind"]): r["accuracies"] for r in rows}
     for r in again:
         assert max(abs(a - b) for a, b in zip(r["accuracies"], before[(r["model"], r["kind"])])) <= 0.5 + 1e-9
@@ -228,6 +229,7 @@ def test_cli_evaluate_globs_models_records_settings_and_baselines(tiny_dm_run, t
 NEAREST_MEAN = '''
 import torch
 from distillkit import hookimpl
+from distillkit.errors import UsageError
 
 
 class NearestMean:
@@ -237,6 +239,12 @@ class NearestMean:
 
     def settings(self):
         return {"space": "pixels", "metric": "euclidean"}
+
+    def speed_settings(self, device):
+        return {}
+
+    def with_overrides(self, **overrides):
+        raise UsageError(f"nearest-mean has no settings to override (given {sorted(overrides)})")
 
     def evaluate(self, model, train, test, spec, run_ids, seed, device):
         means = torch.stack([train.images[train.labels == c].mean(0) for c in range(spec.num_classes)]).flatten(1)
@@ -267,4 +275,4 @@ def test_a_third_party_protocol_plugs_in(tiny_dm_run, tmp_path):
     for row in rows:
         assert row["protocol"] == "nearest-mean" and row["protocol_settings"] == {"space": "pixels",
                                                                                    "metric": "euclidean"}
-        assert row["engine"] == {} and len(row["accuracies"]) == 2 and row["mean"] > 10  # above chance
+        assert row["speed_settings"] == {} and len(row["accuracies"]) == 2 and row["mean"] > 10  # above chance

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from distillkit import export
-from distillkit.artifact import SYNTHETIC_FILE, atomic_save, load_synthetic
+from distillkit.artifact import atomic_save
+from distillkit.rundir import SYNTHETIC as SYNTHETIC_FILE, load_run_synthetic as load_synthetic
 from distillkit.export import class_folder_names
 from tests.conftest import run_cli
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distillkit import registry
-from distillkit.artifact import load_synthetic
+from distillkit.rundir import load_run_synthetic as load_synthetic
 from distillkit.config import resolve
 from distillkit.data import load_split, resolve_root
 from distillkit.errors import UsageError

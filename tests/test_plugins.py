@@ -14,7 +14,7 @@ from typing import NamedTuple
 import pytest
 
 from distillkit import registry
-from distillkit.artifact import load_synthetic
+from distillkit.rundir import load_run_synthetic as load_synthetic
 from distillkit.errors import UsageError
 
 from tests.conftest import ROOT, run_cli

@@ -100,7 +100,7 @@ def test_sigkill_then_sigint_then_resume_is_bit_identical(reference: Path, tmp_p
 def test_class_step_schedule_resumes_bit_identically_after_an_interrupt_or_an_early_kill(tmp_path: Path):
     """M3D's schedule (one optimizer step per class) keeps momentum across classes: the checkpoint must too.
     A run killed before its first checkpoint resumes by starting afresh, to the same result."""
-    from distillkit.condense import Interrupted, distill
+    from distillkit.runner import Interrupted, distill
     from distillkit.config import RunConfig
 
     args = ("--iterations", "4", "--step", "class", "--checkpoint-every", "3")

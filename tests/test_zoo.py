@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from distillkit import registry
 from distillkit.errors import UsageError
 from distillkit.interfaces import ImageSpec
-from distillkit.zoo import Resized, check_model, create_model, embed
+from distillkit.models import Resized, check_model, create_model, embed
 from distillkit.zoo.classic import ResNet
 
 from tests.conftest import run_cli

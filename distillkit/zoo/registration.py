@@ -7,7 +7,7 @@ it). Where timm already has a model of that name (``resnet18``, ``vgg11``,
 ``vgg11_bn``), timm's entry is left alone, so ``resnet18.a1_in1k`` keeps
 meaning timm's ResNet, and distillkit's model goes into timm as
 ``dk_<name>`` (``timm.create_model("dk_resnet18", ...)``).
-:func:`distillkit.zoo.create_model` resolves distillkit names first, so
+:func:`distillkit.models.create_model` resolves distillkit names first, so
 ``--models resnet18`` is the small-image ResNet-18 of the literature.
 """
 
@@ -25,11 +25,6 @@ _TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 #: distillkit name -> the name it has in timm's registry
 _in_timm: dict[str, str] = {}
-
-
-def timm_name(name: str) -> str | None:
-    """The timm registry name of distillkit model ``name`` (None until it is mirrored)."""
-    return _in_timm.get(name)
 
 
 def distillkit_name(name: str) -> str | None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from distillkit.interfaces import ImageSpec, RealImages
-from distillkit.zoo import random_embedder
+from distillkit.models import random_embedder
 
 
 class MeanObjective:

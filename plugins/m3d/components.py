@@ -16,7 +16,7 @@ from torch import Tensor
 
 from distillkit.errors import UsageError
 from distillkit.interfaces import ImageSpec, RealImages
-from distillkit.zoo import random_embedder
+from distillkit.models import random_embedder
 
 KERNELS = ("gaussian", "linear")
 ESTIMATORS = ("biased", "unbiased")

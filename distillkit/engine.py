@@ -1,0 +1,346 @@
+"""The evaluation engine: trains fresh evaluator networks under a :class:`TrainingProtocol`, tests them.
+
+:class:`TrainingProtocol` is the built-in :class:`~distillkit.interfaces.EvalProtocol`
+(``dc-classic``, ``idc`` and ``smoke`` are instances of it; a plugin adds more through
+``register_protocols``). A protocol is data: its :meth:`~TrainingProtocol.settings`
+(every number that changes the result) are stored with each result, and results are
+only compared under equal settings. How the numbers are computed (stacked or run by
+run, compiled, test batch size) are its *speed settings*, recorded apart, because they
+change the speed, not the result. The engine never looks a model up by name: it is
+handed a :class:`~distillkit.interfaces.ModelBuilder`.
+
+**Stacked runs.** The ``runs`` networks of one architecture can train
+together: their parameters and buffers are stacked with
+``torch.func.stack_module_state`` and one ``vmap``-ed ``functional_call``
+trains them with one SGD step for all (SGD is elementwise, so this is exactly
+``runs`` independent trainings). Each run draws its own init, shuffling,
+augmentation and CutMix from ``(seed, kind, model, run, block of epochs)``
+streams, so the stacked path and the run-by-run path see the same numbers and
+agree to float rounding. Batch norm stacks too: its running statistics are
+stacked buffers that each run updates in place under vmap. A model whose
+forward vmap cannot run (``.item()`` or data-dependent Python control flow in
+``forward``) trains run by run, with a warning naming the reason. So does a
+model whose training forward draws random numbers (dropout, stochastic depth):
+under vmap every run's masks come from one global stream, so a run's result
+would depend on which runs share its stack, and a run must depend only on
+``(seed, model, run)`` (that is what lets torchrun ranks share the runs out).
+
+Whether runs stack by default, the test batch and how draws reach the device
+follow :mod:`distillkit.devices` (stacked on accelerators, run by run on CPUs).
+
+**No host syncs in the loop.** The random numbers of a block of epochs
+(permutations, augmentation and CutMix parameters) are drawn on the CPU from
+the run streams in a few large draws and copied to the device once (pinned,
+non-blocking on CUDA); the synthetic set, its augmentation and the test set stay
+on the device. Nothing is read back until the end: test accuracy counts
+accumulate on the device, and the test set goes through each trained run in
+batches of ``test_batch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state
+
+from distillkit import devices
+from distillkit.augment import Augment, AugmentParams
+from distillkit.errors import UsageError
+from distillkit.interfaces import ImageSpec, ModelBuilder, TrainingSet
+from distillkit.seeding import derive_seed, generator, seeded
+
+#: TrainingProtocol fields that choose how results are computed, not what they are
+SPEED_SETTINGS = ("stacked", "compile", "test_batch")
+
+
+class _Stacked:
+    """``R`` networks of one architecture as one vmapped functional model: ``(R, B, ...) -> (R, B, classes)``."""
+
+    def __init__(self, models: list[nn.Module], compile: bool) -> None:
+        params, buffers = stack_module_state(models)
+        self.runs = len(models)
+        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        self.buffers = buffers  # batch-norm statistics: one slice per run, updated in place under vmap
+        self.base = copy.deepcopy(models[0]).to("meta")  # structure only; every tensor comes from the stacks
+        step = torch.vmap(self._call, randomness="different")
+        self._step = torch.compile(step) if compile else step
+
+    def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def check(self, shape: tuple[int, ...]) -> str | None:
+        """Why these runs cannot train stacked (None if they can), from no-grad forwards of ``shape`` inputs.
+
+        vmap must run the forward, and the training forward must draw no random numbers: under vmap,
+        dropout-like layers draw every run's masks from one global stream, so a run's result would
+        depend on which runs share its stack.
+        """
+        xs = torch.randn(self.runs, *shape, generator=torch.Generator().manual_seed(0))
+        xs = xs.to(next(iter(self.params.values())).device)
+        outputs = []
+        for draw in range(2):
+            scratch = {k: v.clone() for k, v in self.buffers.items()}  # leave the real statistics untouched
+            try:
+                with torch.no_grad(), torch.random.fork_rng(devices=[xs.device] if xs.is_cuda else []):
+                    torch.manual_seed(draw)
+                    outputs.append(torch.vmap(self._call, randomness="different")(self.params, scratch, xs))
+            except Exception as exc:  # vmap raises several types for unsupported forwards
+                return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if not torch.equal(*outputs):
+            return "its training forward draws random numbers (dropout?), which stacked runs would share"
+        return None
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.params.values())
+
+    def train(self, mode: bool) -> None:
+        self.base.train(mode)
+
+    def forward(self, xs: Tensor) -> Tensor:
+        return self._step(self.params, self.buffers, xs)
+
+    def forward_run(self, r: int, x: Tensor) -> Tensor:
+        """Run ``r`` alone on ``x`` (test time: large batches, no vmap needed)."""
+        return self._call({k: v[r] for k, v in self.params.items()}, {k: v[r] for k, v in self.buffers.items()}, x)
+
+
+class _Single:
+    """One plain network behind the same interface (``R = 1``): the run-by-run path."""
+
+    def __init__(self, model: nn.Module, compile: bool) -> None:
+        self.model = model
+        self._step = torch.compile(model) if compile else model
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.model.parameters())
+
+    def train(self, mode: bool) -> None:
+        self.model.train(mode)
+
+    def forward(self, xs: Tensor) -> Tensor:
+        return self._step(xs[0]).unsqueeze(0)
+
+    def forward_run(self, r: int, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+#: random numbers are drawn for this many sample-epochs at once (fewer, larger host draws; a pure
+#: function of the set size, so results never depend on the device)
+DRAW_SAMPLES = 16384
+MAX_DRAW_EPOCHS = 32
+
+
+def epochs_per_draw(n: int) -> int:
+    return max(1, min(MAX_DRAW_EPOCHS, DRAW_SAMPLES // n))
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """The random numbers of ``K`` consecutive epochs for ``R`` runs, on the device.
+
+    Drawn on the CPU from each run's streams ``(seed, kind, model, run, block)``.
+    """
+
+    order: Tensor  # (R, K, n) sample index at each position of each epoch
+    group: Tensor  # (R, K, n) augmentation group of each position: r * K * n + k * n + j
+    augment: AugmentParams | None  # one group per (run, epoch, position)
+    mix: Tensor | None  # (R, K, n) CutMix partner position (inside the same batch)
+    box: Tensor | None  # (R, K, batches, 4) CutMix box y0, y1, x0, x1 (empty where CutMix is off)
+    kept: Tensor | None  # (R, K, batches) weight of the own label (1 where CutMix is off)
+
+
+@dataclass(frozen=True)
+class TrainingProtocol:
+    """Train ``runs`` fresh networks with SGD on the synthetic set; report final test accuracy.
+
+    ``milestones`` are fractions of ``epochs`` at which the lr is multiplied by
+    ``gamma``; with ``restart_optimizer`` the optimizer is re-created there (the
+    DM reference does this, dropping the momentum buffer). The last three
+    fields are the speed settings (see :data:`SPEED_SETTINGS`): ``stacked``
+    trains the runs together (None: :func:`~distillkit.devices.default_stacked`),
+    ``compile`` wraps the training forward in ``torch.compile``, ``test_batch``
+    is the test-time batch (None: :func:`~distillkit.devices.default_test_batch`).
+    """
+
+    name: str
+    epochs: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 256
+    milestones: tuple[float, ...] = (0.5,)
+    gamma: float = 0.1
+    restart_optimizer: bool = True
+    augment: str = "dsa"
+    augment_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    cutmix_prob: float = 0.0
+    cutmix_beta: float = 1.0
+    test_limit: int | None = None
+    stacked: bool | None = None
+    compile: bool = False
+    test_batch: int | None = None
+    description: str = field(default="", compare=False)
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that changes the result (stored with each result; the speed settings are not among them)."""
+        out = {k: v for k, v in asdict(self).items() if k not in SPEED_SETTINGS and k != "description"}
+        out["milestones"] = list(self.milestones)
+        return out
+
+    def stacks_on(self, device: torch.device | str) -> bool:
+        """Whether runs train stacked on ``device``: ``stacked``, or the device policy's default."""
+        return self.stacked if self.stacked is not None else devices.default_stacked(device)
+
+    def speed_settings(self, device: torch.device | str) -> dict[str, Any]:
+        """How results are computed on ``device`` (recorded beside the settings)."""
+        return {**{k: getattr(self, k) for k in SPEED_SETTINGS}, "stacked": self.stacks_on(device)}
+
+    def with_overrides(self, **overrides: Any) -> "TrainingProtocol":
+        given = {k: v for k, v in overrides.items() if v is not None}
+        valid = [f.name for f in fields(self) if f.name not in ("name", "description")]
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise UsageError(f"protocol {self.name!r} has no setting {unknown[0]!r}; settings: {', '.join(valid)}")
+        for key in ("epochs", "batch_size", "test_batch", "test_limit"):
+            if key in given and given[key] < 1:
+                raise UsageError(f"--{key.replace('_', '-')} must be positive, got {given[key]}")
+        return replace(self, **given)
+
+    # -- training and testing --------------------------------------------
+    def evaluate(self, model: ModelBuilder, train: TrainingSet, test: TrainingSet, spec: ImageSpec,
+                 run_ids: Sequence[int], seed: int, device: torch.device | str) -> list[float]:
+        run_ids = list(run_ids)
+        if not run_ids:
+            raise UsageError("no evaluation runs given (--runs must be positive)")
+        device = torch.device(device)
+        devices.prepare(device)
+        models = []
+        for r in run_ids:
+            with seeded(seed, "eval-init", model.name, r):
+                models.append(model().to(device))
+        if self.stacks_on(device) and len(models) > 1:
+            stacked = _Stacked(models, self.compile)
+            why = stacked.check((2, spec.channels, spec.height, spec.width))
+            if why is None:
+                return self._train_and_test(stacked, run_ids, train, test, seed, model.name)
+            warnings.warn(f"{model.name}: runs train one by one: {why}", stacklevel=2)
+        return [acc for r, m in zip(run_ids, models)
+                for acc in self._train_and_test(_Single(m, self.compile), [r], train, test, seed, model.name)]
+
+    def _train_and_test(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, test: TrainingSet,
+                        seed: int, model: str) -> list[float]:
+        # Dropout-like layers draw from torch's global generator: seed it from the runs, never from leftover state.
+        with seeded(seed, "eval-train", model, *run_ids):
+            self._train(net, run_ids, train, seed, model)
+        return self._test(net, len(run_ids), test)
+
+    def _train(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, seed: int, model: str) -> None:
+        aug = Augment(self.augment, self.augment_strategy)
+        device = train.images.device
+        n = train.images.shape[0]
+        bounds = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+        per_draw = epochs_per_draw(n)
+        milestones = sorted({int(round(m * self.epochs)) for m in self.milestones})
+        make_opt = lambda lr: torch.optim.SGD(net.parameters(), lr=lr, momentum=self.momentum,  # noqa: E731
+                                              weight_decay=self.weight_decay)
+        lr = self.lr
+        optimizer = make_opt(lr)
+        net.train(True)
+        for epoch in range(self.epochs):
+            if epoch in milestones:
+                lr *= self.gamma
+                if self.restart_optimizer:
+                    optimizer = make_opt(lr)
+                else:
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+            k = epoch % per_draw
+            if k == 0:
+                draws = self._draw(aug, run_ids, seed, model, epoch // per_draw, min(per_draw, self.epochs - epoch),
+                                   train.images.shape[-2:], bounds, device)
+            for b, (s, e) in enumerate(bounds):
+                idx = draws.order[:, k, s:e]
+                xs, ys = train.images[idx], train.labels[idx]  # (R, B, ...)
+                if draws.augment is not None:
+                    xs = aug.apply(xs.flatten(0, 1), draws.augment, draws.group[:, k, s:e].flatten()).view_as(xs)
+                if draws.mix is not None:
+                    xs, ys_other, kept = self._cutmix(xs, ys, draws, k, b, s, e)
+                logits = net.forward(xs).flatten(0, 1)
+                ce = lambda t: F.cross_entropy(logits, t.flatten(), reduction="none").view(t.shape)  # noqa: E731
+                # the sum over runs of each run's mean loss: each run's gradient is its own
+                loss = ((kept * ce(ys) + (1 - kept) * ce(ys_other)) if draws.mix is not None else ce(ys)).mean(1).sum()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+    def _draw(self, aug: Augment, run_ids: list[int], seed: int, model: str, block: int, epochs: int,
+              hw: tuple[int, int], bounds: list[tuple[int, int]], device: torch.device) -> _Draws:
+        """The random numbers of ``epochs`` epochs starting at ``block * epochs_per_draw(n)``, one stream per run."""
+        h, w = hw
+        n = bounds[-1][1]
+        order = torch.stack([torch.rand(epochs, n, generator=generator(seed, "eval-shuffle", model, r, block))
+                             .argsort(dim=1) for r in run_ids])
+        group = torch.arange(order.numel(), device=device).view(order.shape)
+        params = None
+        if aug.mode != "none":
+            drawn = [aug.draw(epochs * n, generator(seed, "eval-augment", model, r, block), h, w) for r in run_ids]
+            params = AugmentParams(**{f: devices.to_device(torch.cat([getattr(p, f) for p in drawn]), device)
+                                      for f in drawn[0].__dict__})
+        if self.cutmix_prob <= 0:
+            return _Draws(devices.to_device(order, device), group, params, None, None, None)
+        mix, box, kept = zip(*(self._draw_cutmix(np.random.default_rng(derive_seed(seed, "eval-cutmix", model, r,
+                                                                                    block)), epochs, h, w, bounds)
+                               for r in run_ids))
+        as_device = lambda arrays: devices.to_device(torch.from_numpy(np.stack(arrays)), device)  # noqa: E731
+        return _Draws(devices.to_device(order, device), group, params, as_device(mix), as_device(box),
+                      as_device(kept).float())
+
+    def _draw_cutmix(self, rng: np.random.Generator, epochs: int, h: int, w: int, bounds: list[tuple[int, int]]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per epoch and batch, with probability ``cutmix_prob``: a box of area ``1 - lam`` (lam ~ Beta(beta, beta))
+        at a uniform centre, and a partner order inside the batch."""
+        shape = (epochs, len(bounds))
+        apply = rng.random(shape) < self.cutmix_prob
+        lam = rng.beta(self.cutmix_beta, self.cutmix_beta, shape)
+        cy, cx = rng.integers(h, size=shape), rng.integers(w, size=shape)
+        partner = np.stack([np.concatenate([s + rng.permutation(e - s) for s, e in bounds]) for _ in range(epochs)])
+        cut = np.sqrt(1 - lam)
+        half_h, half_w = (cut * h).astype(np.int64) // 2, (cut * w).astype(np.int64) // 2
+        box = np.stack([np.clip(cy - half_h, 0, h), np.clip(cy + half_h, 0, h),
+                        np.clip(cx - half_w, 0, w), np.clip(cx + half_w, 0, w)], -1) * apply[..., None]
+        kept = 1 - (box[..., 1] - box[..., 0]) * (box[..., 3] - box[..., 2]) / (h * w)
+        return partner, box, kept
+
+    @staticmethod
+    def _cutmix(xs: Tensor, ys: Tensor, draws: _Draws, k: int, b: int, s: int, e: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Paste each run's box from its partner images; returns images, partner labels, own-label weights."""
+        r, size, _, h, w = xs.shape
+        partner = draws.mix[:, k, s:e] - s  # (R, B) positions inside this batch
+        y0, y1, x0, x1 = (v.view(r, 1, 1) for v in draws.box[:, k, b].unbind(-1))
+        rows = torch.arange(h, device=xs.device).view(1, h, 1)
+        cols = torch.arange(w, device=xs.device).view(1, 1, w)
+        box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+        shuffled = torch.gather(xs, 1, partner.view(r, size, 1, 1, 1).expand_as(xs))
+        mixed = torch.where(box.view(r, 1, 1, h, w), shuffled, xs)
+        return mixed, torch.gather(ys, 1, partner), draws.kept[:, k, b].view(r, 1)
+
+    @torch.no_grad()
+    def _test(self, net: _Stacked | _Single, runs: int, test: TrainingSet) -> list[float]:
+        net.train(False)
+        images, labels = test.images, test.labels
+        if self.test_limit is not None:
+            images, labels = images[: self.test_limit], labels[: self.test_limit]
+        batch = self.test_batch or devices.default_test_batch(images.device, *images.shape[-2:])
+        correct = torch.zeros(runs, dtype=torch.long, device=labels.device)
+        for r in range(runs):
+            for x, y in zip(images.split(batch), labels.split(batch)):
+                correct[r] += (net.forward_run(r, x).argmax(-1) == y).sum()
+        return (correct.double() * 100.0 / len(labels)).tolist()  # the one read-back

@@ -1,0 +1,157 @@
+"""Models by name: the one way the host turns a model name into a network.
+
+A name resolves, in this order:
+
+1. names registered by plugins (``register_models``): the host's ConvNet family
+   (:mod:`distillkit.zoo.convnet`) and the classic evaluators
+   (:mod:`distillkit.zoo.classic`: ``mlp``, ``lenet``, ``alexnet``, ``vgg11``,
+   ``resnet18``, ...) among them. These names win over timm's: ``resnet18``
+   is the small-image ResNet-18 of the literature;
+2. the ``dk_`` names those models have in timm's registry where timm has a
+   model of the same name (``dk_resnet18`` is distillkit's ``resnet18``);
+3. any other timm model name, with or without a pretrained tag
+   (``resnet18.a1_in1k``, ``vit_tiny_patch16_224``): the architecture only,
+   never weights, built with the dataset's ``num_classes`` and ``in_chans``.
+
+**Small-image adapter for timm models: resize.** A timm-native model gets the
+images bilinearly resized to its default input size (``pretrained_cfg
+["input_size"]``, 224 for most) inside :class:`Resized`. This works for every
+timm architecture unchanged (fixed-size ViTs and MLP-Mixers included) and keeps
+strides, receptive fields and positional embeddings as designed; the price is
+the compute of a full-size input (a 224-pixel ViT-Tiny costs ~50x a ConvNet-3
+on 32 pixels), so prefer the zoo's small-image models for long protocols.
+
+The architectures themselves live in :mod:`distillkit.zoo`, which never imports
+the registry; this module is where names meet the registry.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distillkit import registry
+from distillkit.errors import UsageError
+from distillkit.interfaces import ImageSpec, ModelBuilder
+from distillkit.seeding import seeded
+from distillkit.zoo.registration import distillkit_name
+
+#: (name, spec) pairs whose model already passed a dry run (see :func:`create_model`)
+_checked: set[tuple[str, ImageSpec]] = set()
+
+
+class Resized(nn.Module):
+    """A timm model fed inputs resized to ``size``; keeps timm's ``forward_features`` / ``forward_head`` split."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.model = model
+        self.size = size
+        self.num_classes = getattr(model, "num_classes", None)
+        self.num_features = getattr(model, "num_features", None)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.model.forward_features(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.model.forward_head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _timm_native(name: str, spec: ImageSpec) -> nn.Module:
+    model = timm.create_model(name, pretrained=False, num_classes=spec.num_classes, in_chans=spec.channels)
+    size = tuple(model.pretrained_cfg.get("input_size", (spec.channels, spec.height, spec.width))[-2:])
+    return Resized(model, size)
+
+
+def _builder(name: str) -> Callable[[ImageSpec], nn.Module]:
+    """How to build ``name`` for a spec, or a :class:`UsageError` naming the valid choices."""
+    models = registry.plugins()["models"]
+    ours = name if name in models else distillkit_name(name)
+    if ours is not None and ours in models:
+        factory = models.get(ours).factory
+        return lambda spec: factory(num_classes=spec.num_classes, in_chans=spec.channels,
+                                    img_size=(spec.height, spec.width))
+    if timm.is_model(name):
+        return lambda spec: _timm_native(name, spec)
+    near = difflib.get_close_matches(name, models.names() + timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(near)}?" if near else ""
+    raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(models.names())}, "
+                     f"or any timm model name (see timm.list_models()){hint}")
+
+
+def known_model(name: str) -> str:
+    """``name`` itself if it names a model (zoo, ``dk_`` or timm), else a :class:`UsageError` with the choices."""
+    _builder(name)
+    return name
+
+
+def create_model(name: str, spec: ImageSpec) -> nn.Module:
+    """A freshly initialised ``name`` for ``spec``'s channels, size and classes (global RNG; see :func:`seeded`).
+
+    The first model of each ``(name, spec)`` gets a dry run on two blank images, so a
+    network that cannot take the dataset's channels or size fails here, as a
+    :class:`UsageError`, and not hours into an evaluation.
+    """
+    build = _builder(name)
+    where = f"model {name!r} cannot take {spec.channels}x{spec.height}x{spec.width} images"
+    try:
+        model = build(spec)
+        if (name, spec) not in _checked:
+            _dry_run(model, spec)
+            _checked.add((name, spec))
+    except UsageError:
+        raise
+    except Exception as exc:  # any failure to build or run is a mismatch between the model and the data
+        raise UsageError(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return model
+
+
+def builder(name: str, spec: ImageSpec) -> ModelBuilder:
+    """What the evaluation engine is handed: ``name`` built for ``spec`` on every call."""
+    return ModelBuilder(name, lambda: create_model(name, spec))
+
+
+def check_model(name: str, spec: ImageSpec) -> None:
+    """Fail now, with a :class:`UsageError`, if ``name`` is unknown or cannot take ``spec``'s images."""
+    with seeded(0, "check-model", name):  # leaves torch's global generator as it was
+        create_model(name, spec)
+
+
+def _dry_run(model: nn.Module, spec: ImageSpec) -> None:
+    model.eval()  # no batch-norm statistics move, no dropout draws
+    with torch.no_grad():
+        out = model(torch.zeros(2, spec.channels, spec.height, spec.width))
+    model.train()
+    if tuple(out.shape) != (2, spec.num_classes):
+        raise ValueError(f"it returns shape {tuple(out.shape)} for 2 images, expected (2, {spec.num_classes})")
+
+
+def embed(model: nn.Module, x: Tensor) -> Tensor:
+    """The penultimate embedding (features before the classifier), flattened to (N, d)."""
+    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
+        raise UsageError(f"{type(model).__name__} has no forward_features/forward_head (timm's feature/head split); "
+                         f"it cannot serve as a feature extractor")
+    return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
+
+
+def random_embedder(name: str, spec: ImageSpec, seed: int, *keys: object,
+                    device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
+    """A frozen, randomly initialised ``name`` whose weights are a pure function of ``(seed, keys)``.
+
+    The network is built on the CPU (so its weights do not depend on the device),
+    kept in train mode as in the reference code, and never receives weight gradients.
+    """
+    with seeded(seed, "model", *keys):
+        model = create_model(name, spec)
+    model = model.to(device).train().requires_grad_(False)
+    return lambda x: embed(model, x)
