@@ -54,13 +54,6 @@ def world(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def device_for_rank(device: torch.device) -> torch.device:
-    """Under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
 def merge_class_rows(tensor: torch.Tensor, owned: Sequence[int], num_classes: int) -> torch.Tensor:
     """Reassemble a class-major tensor from every rank's owned rows (exact)."""
     rows = tensor.shape[0] // num_classes
