@@ -45,6 +45,13 @@ _FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's 0600 would h
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
+    try:
+        _write_replace(path, data)
+    except OSError as exc:  # name the file being written, not its temporary sibling
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def _write_replace(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

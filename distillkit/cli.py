@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -27,17 +28,29 @@ def device_options(command):
 
 
 class _Main(click.Group):
-    """Turns :class:`UsageError` into one line on stderr and exit status 2 (``--debug`` shows the traceback)."""
+    """One line on stderr instead of a traceback (``--debug`` shows it): a :class:`UsageError` exits with
+    status 2, a file-system failure (disk full, read-only, permission denied) with 1, Ctrl-C with 130."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except UsageError as exc:
+        except (UsageError, OSError, KeyboardInterrupt) as exc:
             if ctx.meta.get("distillkit.debug"):
                 raise
-            one_line = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-            click.echo(f"Error: {one_line}", err=True)
-            ctx.exit(2)
+            click.echo(f"Error: {_one_line(exc)}", err=True)
+            ctx.exit(2 if isinstance(exc, UsageError) else 130 if isinstance(exc, KeyboardInterrupt) else 1)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" {exc.filename}" if exc.filename else ""
+        return f"cannot write{where}: {exc.strerror}" if exc.errno in _WRITE_ERRORS else f"{exc.strerror}:{where}"
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+_WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -123,8 +136,6 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
                       {**overrides, "seed": seed}, parse_sets(sets))
         registry.create("datasets", cfg.dataset, **cfg.dataset_options)  # unknown dataset: fail before any I/O
         run_dir = out_dir or Path("runs") / f"{cfg.method}-{cfg.dataset}-ipc{cfg.ipc}"
-        if _rank() == 0:  # under torchrun, rank 0 decides
-            RunDir(run_dir).check_new(overwrite)
     cfg.check_names()  # before the first line of output: a typo gets one line, not a progress bar
     dev = resolve_device(device)
     console.print(f"[bold]distill[/] {cfg.method} on {cfg.dataset}, IPC {cfg.ipc}, {cfg.iterations} iterations, "
@@ -143,9 +154,13 @@ def distill(method, dataset, ipc, out_dir, sets, seed, device, data_root, resume
             click.echo(f"interrupted ({signal.Signals(stop.signum).name}) at iteration {stop.iteration}; checkpoint "
                        f"written. Continue with: distillkit distill --resume {run_dir}", err=True)
             sys.exit(128 + stop.signum)
-        except KeyboardInterrupt:  # before the loop installed its handler: nothing new to keep
+        except KeyboardInterrupt:  # outside the loop's own handler: while starting up or writing the artifact
             progress.stop()
-            click.echo("interrupted before the first iteration; nothing to keep, run the command again", err=True)
+            if RunDir(run_dir).checkpoint.exists():
+                click.echo(f"interrupted; the last checkpoint is kept. Continue with: distillkit distill --resume "
+                           f"{run_dir}", err=True)
+            else:
+                click.echo("interrupted before the first checkpoint; nothing to keep, run the command again", err=True)
             sys.exit(130)
     out.print(f"wrote {path}")
 
@@ -197,9 +212,17 @@ def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compi
         def on_job(done: int, total: int, label: str) -> None:
             progress.update(task, total=total, completed=done, loss=label)
 
-        report = evaluate_run(run_dir, protocol=proto, models=names, runs=runs, seed=seed, baseline=baseline,
-                              device=dev, data_root=resolve_root(data_root), on_job=on_job)
+        try:
+            report = evaluate_run(run_dir, protocol=proto, models=names, runs=runs, seed=seed, baseline=baseline,
+                                  device=dev, data_root=resolve_root(data_root), on_job=on_job)
+        except KeyboardInterrupt:
+            progress.stop()
+            click.echo(f"interrupted; the models that finished are kept in {run_dir}. Run the same command again "
+                       f"to continue (finished ones are not trained again)", err=True)
+            sys.exit(130)
     _print_eval(report)
+    if report["write_error"] is not None:  # the table above holds the numbers; say why the files do not
+        raise report["write_error"]
 
 
 def _print_eval(report: dict) -> None:
@@ -219,7 +242,11 @@ def _print_eval(report: dict) -> None:
     from distillkit.rundir import RunDir
 
     run = RunDir(report["run"])
-    out.print(f"wrote {run.eval_json} and {run.eval_csv.name}")
+    if report["reused"]:
+        out.print(f"reused from {run.eval_json.name} (same set, protocol, settings and runs): "
+                  f"{', '.join(f'{m} / {k}' for m, k in report['reused'])}")
+    if report["write_error"] is None:
+        out.print(f"wrote {run.eval_json} and {run.eval_csv.name}")
 
 
 # -- plugins, list, show ---------------------------------------------------
@@ -285,13 +312,16 @@ def list_(kind: str, pattern: str) -> None:
 @click.option("--decoded/--stored", default=True, show_default=True,
               help="Show the decoded training images or the stored ones (differ for factor sets).")
 @click.option("--max-per-class", type=int, default=20, show_default=True, help="Images per row at most.")
-def show(run_dir: Path, output: Path | None, decoded: bool, max_per_class: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing picture (never one of the run's own files).")
+def show(run_dir: Path, output: Path | None, decoded: bool, max_per_class: int, overwrite: bool) -> None:
     """Draw the synthetic images as a grid, one row per class, labelled with class names."""
     from distillkit.pictures import image_grid
     from distillkit.rundir import RunDir, load_run_synthetic
 
+    if max_per_class < 1:
+        raise UsageError(f"--max-per-class must be positive, got {max_per_class}")
+    target = RunDir(run_dir).picture_target(output, "grid", overwrite)
     synthetic = load_run_synthetic(run_dir)
-    target = output or RunDir(run_dir).grid
     images, labels = (synthetic.images, synthetic.labels) if decoded else (synthetic.stored, synthetic.stored_labels)
     image_grid(synthetic.spec.denormalize(images), labels, synthetic.class_names, target, max_per_class)
     out.print(f"wrote {target}")
@@ -301,12 +331,13 @@ def show(run_dir: Path, output: Path | None, decoded: bool, max_per_class: int) 
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="PNG file to write.  [default: RUN_DIR/plot.png]")
-def plot(run_dir: Path, output: Path | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing picture (never one of the run's own files).")
+def plot(run_dir: Path, output: Path | None, overwrite: bool) -> None:
     """Draw the loss curve and, if the run was evaluated, accuracy per model beside the random baseline."""
     from distillkit.pictures import plot_run
     from distillkit.rundir import RunDir
 
-    target = output or RunDir(run_dir).plot
+    target = RunDir(run_dir).picture_target(output, "plot", overwrite)
     panels = plot_run(run_dir, target)
     out.print(f"wrote {target} ({' and '.join(panels)})")
 

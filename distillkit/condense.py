@@ -88,7 +88,10 @@ class Condenser:
         smallest = min(self.real.split_counts)
         if self.cfg.ipc > smallest:
             raise UsageError(f"--ipc {self.cfg.ipc} is larger than the smallest class ({smallest} images)")
-        self.batch_real = min(self.cfg.batch_real, smallest)
+        if self.cfg.batch_real > smallest:
+            raise UsageError(f"--batch-real {self.cfg.batch_real} is larger than the smallest class ({smallest} "
+                             f"images); give --batch-real {smallest} or less")
+        self.batch_real = self.cfg.batch_real
         if self.cfg.amp and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise UsageError("--amp on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be "
                              "emulated and slower than float32; leave --amp off here")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
@@ -131,10 +132,14 @@ def resolve(method: Method, dataset: str, ipc: int, overrides: Mapping[str, Any]
     for name in ("iterations", "batch_real", "checkpoint_every", "log_every"):
         if getattr(cfg, name) < (0 if name == "iterations" else 1):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for key in ("real_chunk", "forward_batch"):
+    for key in ("real_chunk", "forward_batch", "batch_syn"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
             raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    if not (math.isfinite(cfg.lr_img) and cfg.lr_img >= 0):
+        raise UsageError(f"--lr-img must be a finite number >= 0, got {cfg.lr_img}")
+    if not (math.isfinite(cfg.momentum) and 0 <= cfg.momentum < 1):
+        raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.step not in ("iteration", "class"):
         raise UsageError(f"unknown step schedule {cfg.step!r}; choose one of: iteration, class")
     return cfg

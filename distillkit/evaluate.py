@@ -9,6 +9,7 @@ single process's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -17,10 +18,10 @@ import numpy as np
 import torch
 
 from distillkit import registry
-from distillkit.artifact import atomic_write_bytes, atomic_write_json, versions
+from distillkit.artifact import atomic_write_bytes, atomic_write_json, content_digest, versions
 from distillkit.data import load_split
 from distillkit.devices import device_for_rank
-from distillkit.distributed import merge_dicts, world as join_world
+from distillkit.distributed import World, merge_dicts, world as join_world
 from distillkit.errors import UsageError
 from distillkit.interfaces import EvalProtocol, TrainingSet
 from distillkit.models import builder, check_model
@@ -60,28 +61,63 @@ def evaluate_run(run_dir: Path, *, protocol: EvalProtocol, models: Sequence[str]
                  on_job: Callable[[int, int, str], None] = lambda done, total, label: None) -> dict[str, Any]:
     """Evaluate a run directory's synthetic set (and the random baseline) on ``models``; update eval.json/csv.
 
+    Nothing is trained before the output is known to be writable and an existing ``eval.json`` to be
+    readable. Each finished (model, set) is written at once (atomically), so an interrupted or failed
+    evaluation keeps what it computed, and a rerun with the same settings reuses the rows of the same
+    training set instead of training them again. A failed write does not lose the numbers: the returned
+    report holds every row and ``write_error`` says what went wrong.
+
     Under torchrun the (model, set, run) jobs are dealt round-robin over the ranks and rank 0 writes
-    the merged report. ``on_job(done, total, label)`` reports this rank's progress in (model, set) calls.
+    the merged report once, at the end. ``on_job(done, total, label)`` reports this rank's progress in
+    (model, set) calls.
     """
     if runs < 1:
         raise UsageError(f"--runs must be positive, got {runs}")
-    synthetic = load_run_synthetic(run_dir)
+    if not models:
+        raise UsageError("--models names no model; give one or more names or globs, e.g. --models convnet3")
+    run = RunDir(run_dir)
+    run.check_report_target()
+    device = device_for_rank(device)
+    world = join_world(device)
+    with run.writer("evaluate") if world.is_main else contextlib.nullcontext():
+        return _evaluate_locked(run, protocol, models, runs, seed, baseline, device, world, data_root, on_job)
+
+
+def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str], runs: int, seed: int | None,
+                     baseline: bool, device: torch.device, world: World, data_root: Path,
+                     on_job: Callable[[int, int, str], None]) -> dict[str, Any]:
+    synthetic = load_run_synthetic(run.path)
     seed = synthetic.seed if seed is None else seed
     config = synthetic.config
     dataset = registry.create("datasets", config["dataset"], **config.get("dataset_options", {}))
     if dataset.image_spec != synthetic.spec:
-        raise UsageError(f"{run_dir}: the artifact's image spec {synthetic.spec} does not match dataset "
+        raise UsageError(f"{run.path}: the artifact's image spec {synthetic.spec} does not match dataset "
                          f"{config['dataset']!r} ({dataset.image_spec})")
     for model in models:  # fail on a bad name or an input the model cannot take before hours of training
         check_model(model, synthetic.spec)
-    device = device_for_rank(device)
-    world = join_world(device)
     test = load_split(dataset, data_root, train=False, device=device).as_training_set()
     sets = {"synthetic": synthetic.training_set(device)}
     if baseline:
         real = load_split(dataset, data_root, train=True, device=device)
         sets["random-baseline"] = random_subset(real, synthetic.ipc, seed)
-    jobs = [(model, kind, r) for model in models for kind in sets for r in range(runs)]
+    settings, speed = protocol.settings(), protocol.speed_settings(device)
+    digests = {kind: content_digest({"images": t.images.cpu(), "labels": t.labels.cpu()}) for kind, t in sets.items()}
+    report = _Report(run, {"run": str(run.path), "dataset": config["dataset"], "method": config["method"],
+                           "ipc": synthetic.ipc, "distill_seed": synthetic.seed, "device": str(device),
+                           "ranks": world.size, "versions": versions()}, write=world.is_main)
+
+    def row(model: str, kind: str, accuracies: list[float]) -> dict[str, Any]:
+        mean, std = summarize(accuracies)
+        return {"model": model, "kind": kind, "protocol": protocol.name, "accuracies": accuracies, "mean": mean,
+                "std": std, "runs": runs, "seed": seed, "train_images": len(sets[kind].labels),
+                "train_digest": digests[kind], "protocol_settings": settings, "speed_settings": speed}
+
+    same = lambda r: (r.get("kind") in sets and r.get("train_digest") == digests[r["kind"]]  # noqa: E731
+                      and (r.get("protocol"), _canonical(r.get("protocol_settings")), r.get("runs"), r.get("seed"))
+                      == (protocol.name, _canonical(settings), runs, seed))
+    finished = {(r["model"], r["kind"]): r for r in report.previous if same(r) and r.get("model") in models}
+    jobs = [(model, kind, r) for model in models for kind in sets for r in range(runs)
+            if (model, kind) not in finished]
     calls: dict[tuple[str, str], list[int]] = {}  # this rank's runs, one protocol call per (model, set)
     for model, kind, r in world.share(jobs):
         calls.setdefault((model, kind), []).append(r)
@@ -93,43 +129,48 @@ def evaluate_run(run_dir: Path, *, protocol: EvalProtocol, models: Sequence[str]
         if len(got) != len(run_ids):
             raise UsageError(f"protocol {protocol.name!r} returned {len(got)} accuracies for {len(run_ids)} runs")
         accuracy.update({(model, kind, r): float(a) for r, a in zip(run_ids, got)})
+        if not world.active:  # one process holds every run of this (model, set): keep it now
+            report.add([row(model, kind, [accuracy[model, kind, r] for r in range(runs)])])
     on_job(len(calls), len(calls), "")
     if world.active:
         accuracy = merge_dicts(accuracy)
-    rows = []
-    for model in models:
-        for kind, train in sets.items():
-            accuracies = [accuracy[model, kind, r] for r in range(runs)]
-            mean, std = summarize(accuracies)
-            rows.append({"model": model, "kind": kind, "protocol": protocol.name, "accuracies": accuracies,
-                         "mean": mean, "std": std, "runs": runs, "seed": seed, "train_images": len(train.labels)})
-    settings, speed = protocol.settings(), protocol.speed_settings(device)
-    for row in rows:
-        row["protocol_settings"] = settings
-        row["speed_settings"] = speed
-
-    report = {"run": str(run_dir), "dataset": config["dataset"], "method": config["method"], "ipc": synthetic.ipc,
-              "distill_seed": synthetic.seed, "device": str(device), "ranks": world.size, "versions": versions(),
-              "results": rows}
-    if world.is_main:
-        report["results"] = _write_report(RunDir(run_dir), report)
+    rows = [finished.get((model, kind)) or row(model, kind, [accuracy[model, kind, r] for r in range(runs)])
+            for model in models for kind in sets]
+    report.add(rows)
     if world.active:
         torch.distributed.barrier()  # the files exist when any rank returns
-    return {**report, "new": rows}
+    return {**report.header, "results": report.rows, "new": rows, "reused": sorted(finished),
+            "write_error": report.error}
 
 
-def _write_report(run: RunDir, report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Merge ``report``'s rows into eval.json (replacing rows of the same model, set and settings), rewrite
-    eval.csv; returns every row now in eval.json."""
-    rows = report["results"]
-    path = run.eval_json
-    previous = json.loads(path.read_text()) if path.exists() else {"results": []}
-    fresh = {(r["model"], r["kind"], r["protocol"], json.dumps(r["protocol_settings"], sort_keys=True)) for r in rows}
-    kept = [r for r in previous.get("results", [])
-            if (r["model"], r["kind"], r["protocol"], json.dumps(r["protocol_settings"], sort_keys=True)) not in fresh]
-    atomic_write_json({**report, "results": kept + rows}, path)
-    header = "model,kind,protocol,runs,seed,mean,std,accuracies\n"
-    lines = [f"{r['model']},{r['kind']},{r['protocol']},{r['runs']},{r['seed']},{r['mean']:.4f},{r['std']:.4f},"
-             f"{' '.join(f'{a:.2f}' for a in r['accuracies'])}\n" for r in kept + rows]
-    atomic_write_bytes(run.eval_csv, (header + "".join(lines)).encode())
-    return kept + rows
+def _canonical(settings: Any) -> str:
+    return json.dumps(settings, sort_keys=True)
+
+
+class _Report:
+    """eval.json and eval.csv of one run, rewritten (atomically) whenever rows are added.
+
+    A row replaces an earlier one of the same model, set, protocol and settings. A failed write is
+    remembered, not raised, so the caller still gets every number it computed.
+    """
+
+    def __init__(self, run: RunDir, header: dict[str, Any], write: bool) -> None:
+        self.run, self.header, self.write = run, header, write
+        self.previous: list[dict[str, Any]] = run.read_report()["results"] if write else []
+        self.rows = list(self.previous)
+        self.error: OSError | None = None
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        key = lambda r: (r["model"], r["kind"], r["protocol"], _canonical(r["protocol_settings"]))  # noqa: E731
+        fresh = {key(r) for r in rows}
+        self.rows = [r for r in self.rows if key(r) not in fresh] + rows
+        if not self.write:
+            return
+        try:
+            atomic_write_json({**self.header, "results": self.rows}, self.run.eval_json)
+            header = "model,kind,protocol,runs,seed,mean,std,accuracies\n"
+            lines = [f"{r['model']},{r['kind']},{r['protocol']},{r['runs']},{r['seed']},{r['mean']:.4f},"
+                     f"{r['std']:.4f},{' '.join(f'{a:.2f}' for a in r['accuracies'])}\n" for r in self.rows]
+            atomic_write_bytes(self.run.eval_csv, (header + "".join(lines)).encode())
+        except OSError as exc:
+            self.error = exc

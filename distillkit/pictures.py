@@ -71,6 +71,8 @@ def read_losses(path: Path) -> tuple[list[int], list[float]]:
             continue
         try:
             row = json.loads(line)
+            if "lost_before_iteration" in row:  # the log was lost and restarted on resume: a gap, not data
+                continue
             iterations.append(int(row["iteration"]))
             losses.append(float(row["loss"]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:

@@ -98,15 +98,20 @@ class Registry:
         return f" (plugins that failed to load: {', '.join(sorted(self.failed))}; see `distillkit plugins`)"
 
     def create(self, name: str, **options: Any) -> Any:
-        factory = self.get(name).factory
+        entry = self.get(name)
+        factory = entry.factory
         if not callable(factory):  # methods and protocols may register instances
             if options:
                 raise UsageError(f"{self.singular} {name!r} takes no options, got {sorted(options)}")
             return factory
         try:
             return factory(**options)
-        except TypeError as exc:
-            raise UsageError(f"bad options {options} for {self.singular} {name!r}: {exc}") from exc
+        except UsageError:
+            raise
+        except Exception as exc:  # a factory's own validation (ValueError, TypeError, ...) is the user's to fix
+            message = " ".join(str(exc).split())[:300]
+            raise UsageError(f"{self.singular} {name!r} (plugin {entry.plugin!r}) refused options {options}: "
+                             f"{type(exc).__name__}: {message}") from exc
 
     def match(self, patterns: Iterable[str]) -> list[str]:
         """Names matching any glob pattern, in pattern order; plain names pass through unchanged."""

@@ -9,6 +9,7 @@ is :class:`~distillkit.rundir.RunDir`'s business.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -124,7 +125,9 @@ def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int, world: Worl
     for (it, _), value in zip(pending, values):
         if not math.isfinite(value):
             raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
-                                     f"checkpoint was kept (lower --lr-img or check the data)")
+                                     f"checkpoint was kept. The learning rate is part of the recipe, so start a "
+                                     f"new run with a lower --lr-img (--overwrite replaces this one) or check "
+                                     f"the data")
         if log:
             log.write(json.dumps({"iteration": it, "loss": value / num_classes}) + "\n")
     if log:
@@ -154,6 +157,14 @@ def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: P
     run = RunDir(run_dir)
     device = device_for_rank(device)
     world = join_world(device)
+    with run.writer("distill") if world.is_main else contextlib.nullcontext():  # rank 0 writes, so rank 0 locks
+        if world.is_main and not resume:
+            run.check_new(overwrite)
+        return _distill_locked(cfg, run, world, device, data_root, resume, overwrite, on_progress)
+
+
+def _distill_locked(cfg: RunConfig, run: RunDir, world: World, device: torch.device, data_root: Path, resume: bool,
+                    overwrite: bool, on_progress: Callable[[int, float | None], None]) -> Path:
     dataset = registry.create("datasets", cfg.dataset, **cfg.dataset_options)
     real = load_split(dataset, data_root, train=True, device="cpu")
     owned = world.owned(real.spec.num_classes)
@@ -170,7 +181,7 @@ def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: P
         run.path.mkdir(parents=True, exist_ok=True)
     if state is not None:
         if world.is_main:
-            run.truncate_losses(int(state["log_position"]))
+            run.truncate_losses(int(state["log_position"]), condenser.iteration)
     else:
         condenser.initialize(real)  # every rank initialises every class identically from the full split
         if world.is_main:

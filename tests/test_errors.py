@@ -15,6 +15,7 @@ import torch
 
 from distillkit import registry
 from distillkit.errors import UsageError
+from distillkit.rundir import LOCK
 from tests.conftest import DATA, ROOT, run_cli
 
 TINY = ("--dataset", "mnist", "--ipc", "1", "--batch-real", "8", "--iterations", "2", "--device", "cpu",
@@ -22,8 +23,9 @@ TINY = ("--dataset", "mnist", "--ipc", "1", "--batch-real", "8", "--iterations",
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime, but the writer lock's (it names the last process that held it)."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK}
 
 
 @pytest.fixture(scope="module")
