@@ -38,8 +38,8 @@ CIFAR100 = (
     "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
     "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
     "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
 )
 
 
@@ -237,7 +237,8 @@ class CifarFiles:
 
 def _corrupt(path: Path, exc: Exception) -> UsageError:
     cause = (str(exc).strip().splitlines() or [""])[0][:160]
-    return UsageError(f"{path} is corrupt or truncated ({type(exc).__name__}: {cause}); delete it and put it there again")
+    return UsageError(f"{path} is corrupt or truncated ({type(exc).__name__}: {cause}); "
+                      f"delete it and put it there again")
 
 
 _CIFAR10_FILES = CifarFiles(

@@ -122,7 +122,8 @@ def write_npz(folder: Path, train, test, names) -> None:
     """The shared data's layout: NHWC uint8 images, labels, classes.txt."""
     folder.mkdir(parents=True)
     for split, (images, labels) in (("train", train), ("test", test)):
-        np.savez_compressed(folder / f"{split}.npz", images=images.transpose(0, 2, 3, 1), labels=labels.astype(np.uint8))
+        np.savez_compressed(folder / f"{split}.npz", images=images.transpose(0, 2, 3, 1),
+                            labels=labels.astype(np.uint8))
     (folder / "classes.txt").write_text("".join(f"{n}\n" for n in names))
 
 
