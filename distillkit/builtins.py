@@ -5,7 +5,7 @@ plugins`` lists what the host itself provides.
 """
 
 from distillkit import hookimpl
-from distillkit.data import builtin_datasets
+from distillkit.datasets import builtin_datasets
 from distillkit.engine import TrainingProtocol
 from distillkit.zoo import ARCHITECTURES
 
