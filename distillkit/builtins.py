@@ -12,18 +12,19 @@ from distillkit.zoo import ARCHITECTURES
 PROTOCOLS = (
     TrainingProtocol(
         "dc-classic",
-        description="DC/DSA/DM protocol: SGD lr 0.01 mom 0.9 wd 5e-4, batch 256, 1000 epochs, lr x0.1 at half "
-                    "(optimizer re-created), DSA per sample",
+        description="DC/DSA/DM's evaluate_synset: SGD lr 0.01 mom 0.9 wd 5e-4, batch 256, 1000 (+1) epochs, lr x0.1 "
+                    "after epoch E//2+1 (optimizer re-created), DSA with one op per batch",
     ),
     TrainingProtocol(
         "idc", batch_size=64, milestones=(2 / 3, 5 / 6), gamma=0.2, restart_optimizer=False, augment="idc",
-        augment_strategy="color_crop_flip_scale_rotate", cutmix_prob=0.5, cutmix_beta=1.0,
-        description="IDC/M3D protocol: batch 64, 1000 epochs, lr x0.2 at 2/3 and 5/6, IDC-mode augmentation, "
-                    "CutMix p=0.5",
+        augment_strategy="color_crop_flip_scale_rotate", cutmix_prob=0.5, cutmix_beta=1.0, schedule="floor",
+        no_flip=("mnist", "svhn"),
+        description="IDC/M3D protocol: batch 64, 1000 epochs, lr x0.2 at 2E//3 and 5E//6, IDC-mode augmentation "
+                    "(no flip on MNIST/SVHN), CutMix p=0.5",
     ),
     TrainingProtocol(
         "smoke", epochs=50, test_limit=2000,
-        description="quick check: dc-classic settings with 50 epochs, first 2000 test images",
+        description="quick check: dc-classic settings with 50 (+1) epochs, first 2000 test images",
     ),
 )
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from fractions import Fraction
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Sequence
 
@@ -58,6 +59,8 @@ from distillkit.seeding import derive_seed, generator, seeded
 
 #: TrainingProtocol fields that choose how results are computed, not what they are
 SPEED_SETTINGS = ("stacked", "compile", "test_batch")
+#: how a protocol counts epochs and milestones (see TrainingProtocol.epoch_plan)
+SCHEDULES = ("dc", "floor")
 
 
 class _Stacked:
@@ -162,7 +165,13 @@ class TrainingProtocol:
 
     ``milestones`` are fractions of ``epochs`` at which the lr is multiplied by
     ``gamma``; with ``restart_optimizer`` the optimizer is re-created there (the
-    DM reference does this, dropping the momentum buffer). The last three
+    DM reference does this, dropping the momentum buffer). ``schedule`` says how
+    the references count (:meth:`epoch_plan`): ``"dc"`` as DC/DSA/DM's
+    ``utils.py: evaluate_synset`` (``range(E + 1)`` epochs, the lr decays after
+    epoch ``E // 2 + 1``), ``"floor"`` as IDC's ``MultiStepLR([2 * E // 3,
+    5 * E // 6])`` (``E`` epochs, floored milestones). ``no_flip`` names datasets
+    on which the protocol drops the ``flip`` op (IDC's ``remove_aug`` for MNIST
+    and SVHN; :meth:`for_dataset`). The last three
     fields are the speed settings (see :data:`SPEED_SETTINGS`): ``stacked``
     trains the runs together (None: :func:`~distillkit.devices.default_stacked`),
     ``compile`` wraps the training forward in ``torch.compile``, ``test_batch``
@@ -182,6 +191,8 @@ class TrainingProtocol:
     augment_strategy: str = "color_crop_cutout_flip_scale_rotate"
     cutmix_prob: float = 0.0
     cutmix_beta: float = 1.0
+    schedule: str = "dc"
+    no_flip: tuple[str, ...] = ()
     test_limit: int | None = None
     stacked: bool | None = None
     compile: bool = False
@@ -191,8 +202,32 @@ class TrainingProtocol:
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the result (stored with each result; the speed settings are not among them)."""
         out = {k: v for k, v in asdict(self).items() if k not in SPEED_SETTINGS and k != "description"}
-        out["milestones"] = list(self.milestones)
+        out["milestones"], out["no_flip"] = list(self.milestones), list(self.no_flip)
         return out
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"unknown schedule {self.schedule!r} for protocol {self.name!r}; choose one of: "
+                             f"{', '.join(SCHEDULES)}")
+        Augment(self.augment, self.augment_strategy)  # an unknown mode or op fails here, not after the first epoch
+
+    def epoch_plan(self) -> tuple[int, list[int]]:
+        """``(epochs trained, 0-based epochs at whose start the lr is multiplied by gamma)``.
+
+        Milestones floor exactly (2/3 of 300 is 200, not 199.99...). DC: 1000 -> 1001 epochs, decay
+        from epoch 502 (502 epochs at lr, 499 at lr x gamma). IDC: 1000 -> 1000 epochs, decays from
+        epochs 666 and 833 (``misc/utils.py`` of both reference repositories, read 2026-12).
+        """
+        points = [int(Fraction(m).limit_denominator(1000) * self.epochs) for m in self.milestones]
+        if self.schedule == "dc":
+            return self.epochs + 1, sorted({p + 2 for p in points})
+        return self.epochs, sorted(set(points))
+
+    def for_dataset(self, dataset: str) -> "TrainingProtocol":
+        """This protocol as its reference sets it for ``dataset`` (IDC drops flips on MNIST and SVHN)."""
+        if dataset not in self.no_flip:
+            return self
+        return replace(self, augment_strategy="_".join(t for t in self.augment_strategy.split("_") if t != "flip"))
 
     def stacks_on(self, device: torch.device | str) -> bool:
         """Whether runs train stacked on ``device``: ``stacked``, or the device policy's default."""
@@ -247,13 +282,13 @@ class TrainingProtocol:
         n = train.images.shape[0]
         bounds = [(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
         per_draw = epochs_per_draw(n)
-        milestones = sorted({int(round(m * self.epochs)) for m in self.milestones})
+        epochs, milestones = self.epoch_plan()
         make_opt = lambda lr: torch.optim.SGD(net.parameters(), lr=lr, momentum=self.momentum,  # noqa: E731
                                               weight_decay=self.weight_decay)
         lr = self.lr
         optimizer = make_opt(lr)
         net.train(True)
-        for epoch in range(self.epochs):
+        for epoch in range(epochs):
             if epoch in milestones:
                 lr *= self.gamma
                 if self.restart_optimizer:
@@ -263,7 +298,7 @@ class TrainingProtocol:
                         g["lr"] = lr
             k = epoch % per_draw
             if k == 0:
-                draws = self._draw(aug, run_ids, seed, model, epoch // per_draw, min(per_draw, self.epochs - epoch),
+                draws = self._draw(aug, run_ids, seed, model, epoch // per_draw, min(per_draw, epochs - epoch),
                                    train.images.shape[-2:], bounds, device)
             for b, (s, e) in enumerate(bounds):
                 idx = draws.order[:, k, s:e]

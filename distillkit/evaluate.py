@@ -48,7 +48,7 @@ def resolve_protocol(name: str, **overrides: Any) -> EvalProtocol:
     """The protocol ``name`` with ``overrides`` applied (``None`` values are ignored)."""
     protocol = registry.create("protocols", name)
     if not isinstance(protocol, EvalProtocol):
-        missing = [m for m in ("name", "settings", "speed_settings", "with_overrides", "evaluate")
+        missing = [m for m in ("name", "settings", "speed_settings", "for_dataset", "with_overrides", "evaluate")
                    if not hasattr(protocol, m)]
         raise UsageError(f"protocol {name!r} does not implement {', '.join(map(repr, missing))} "
                          f"(see distillkit.interfaces.EvalProtocol)")
@@ -89,6 +89,7 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
     synthetic = load_run_synthetic(run.path)
     seed = synthetic.seed if seed is None else seed
     config = synthetic.config
+    protocol = protocol.for_dataset(config["dataset"])
     dataset = registry.create("datasets", config["dataset"], **config.get("dataset_options", {}))
     if dataset.image_spec != synthetic.spec:
         raise UsageError(f"{run.path}: the artifact's image spec {synthetic.spec} does not match dataset "

@@ -188,6 +188,10 @@ class EvalProtocol(_Protocol):
         """How results are computed on ``device`` (stacking, compilation, batch sizes): stored beside
         :meth:`settings`, never part of them, because they change the speed and not the result."""
 
+    def for_dataset(self, dataset: str) -> "EvalProtocol":
+        """The protocol as its reference sets it for the registered dataset ``dataset`` (e.g. IDC drops
+        flips on MNIST); ``self`` where nothing depends on the dataset. Its :meth:`settings` are recorded."""
+
     def with_overrides(self, **overrides: Any) -> "EvalProtocol":
         """A copy with some settings replaced (``--epochs``, ``--test-limit``, ``--stacked``, ``--compile``);
         ``None`` values mean "keep"; an unknown or invalid setting is a :class:`~distillkit.errors.UsageError`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -195,7 +196,6 @@ def test_protocol_settings_and_engine_are_kept_apart():
 
 def test_cli_evaluate_globs_models_records_settings_and_baselines(tiny_dm_run, tmp_path):
     run_dir = tmp_path / "run"
-    import shutil
 
     shutil.copytree(tiny_dm_run, run_dir)
     args = ["evaluate", run_dir, "--protocol", "smoke", "--models", "convnet3_w3*,lenet", "--runs", "2",
@@ -214,7 +214,8 @@ def test_cli_evaluate_globs_models_records_settings_and_baselines(tiny_dm_run, t
     csv = (run_dir / "eval.csv").read_text().splitlines()
     assert csv[0].startswith("model,kind,protocol") and len(csv) == 5
 
-    # the same protocol computed stacked replaces those rows, with the same numbers
+    # the same protocol computed stacked gives the same numbers (a report with those rows would be reused)
+    (run_dir / "eval.json").rename(run_dir / "sequential.json")
     run_cli(*args, "--epochs", "2", "--stacked")
     again = json.loads((run_dir / "eval.json").read_text())["results"]
     assert len(again) == 4 and all(r["speed_settings"]["stacked"] for r in again)
@@ -243,6 +244,9 @@ class NearestMean:
     def speed_settings(self, device):
         return {}
 
+    def for_dataset(self, dataset):
+        return self
+
     def with_overrides(self, **overrides):
         raise UsageError(f"nearest-mean has no settings to override (given {sorted(overrides)})")
 
@@ -263,7 +267,6 @@ def test_a_third_party_protocol_plugs_in(tiny_dm_run, tmp_path):
     plugins.mkdir()
     (plugins / "ncm.py").write_text(NEAREST_MEAN)
     run_dir = tmp_path / "run"
-    import shutil
 
     shutil.copytree(tiny_dm_run, run_dir)
     listed = run_cli("--plugins-dir", plugins, "list", "protocols").output
@@ -276,3 +279,33 @@ def test_a_third_party_protocol_plugs_in(tiny_dm_run, tmp_path):
         assert row["protocol"] == "nearest-mean" and row["protocol_settings"] == {"space": "pixels",
                                                                                    "metric": "euclidean"}
         assert row["speed_settings"] == {} and len(row["accuracies"]) == 2 and row["mean"] > 10  # above chance
+
+
+def test_protocols_count_epochs_and_milestones_as_their_references():
+    dc, idc = registry.create("protocols", "dc-classic"), registry.create("protocols", "idc")
+    # DC's evaluate_synset: range(E + 1) epochs, lr x0.1 after epoch E//2 + 1 (so from epoch E//2 + 2)
+    assert dc.epoch_plan() == (1001, [502])
+    assert dc.with_overrides(epochs=2).epoch_plan() == (3, [3])  # the decay falls after the last epoch
+    assert dc.with_overrides(epochs=301).epoch_plan() == (302, [152])
+    # IDC's MultiStepLR([2 * E // 3, 5 * E // 6]): floored, exactly (2/3 of 300 is 200)
+    assert idc.epoch_plan() == (1000, [666, 833])
+    assert idc.with_overrides(epochs=300).epoch_plan() == (300, [200, 250])
+    assert idc.with_overrides(epochs=400).epoch_plan() == (400, [266, 333])
+    with pytest.raises(UsageError, match="unknown schedule"):
+        dc.with_overrides(schedule="cosine")
+
+
+def test_idc_drops_flips_on_digit_datasets_and_records_the_strategy_it_used(tiny_dm_run, tmp_path):
+    idc = registry.create("protocols", "idc")
+    assert idc.for_dataset("mnist").augment_strategy == "color_crop_scale_rotate"
+    assert idc.for_dataset("svhn").settings()["augment_strategy"] == "color_crop_scale_rotate"
+    assert idc.for_dataset("fashionmnist") == idc and idc.for_dataset("cifar10") == idc  # IDC keeps flip there
+    dc = registry.create("protocols", "dc-classic")
+    assert dc.for_dataset("mnist") == dc
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_dm_run, run_dir)
+    run_cli("evaluate", run_dir, "--protocol", "idc", "--epochs", "1", "--runs", "1", "--test-limit", "50",
+            "--no-baseline", "--device", "cpu")
+    (row,) = json.loads((run_dir / "eval.json").read_text())["results"]
+    assert row["protocol_settings"]["augment_strategy"] == "color_crop_scale_rotate"
+    assert row["protocol_settings"]["schedule"] == "floor"
