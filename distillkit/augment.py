@@ -9,7 +9,10 @@ generator, then every sample of a group gets its group's parameters:
 
 Modes (see ``method-notes.md`` section 5):
 
-* ``dsa``: one op per group, chosen uniformly from the strategy's tokens;
+* ``dsa``: one op per group, chosen uniformly from the strategy's tokens; with
+  ``op_groups``, groups of one op group share the choice (the DC reference picks one
+  op per call, i.e. per training batch, and draws its parameters per sample:
+  ``DiffAugment`` with ``aug_mode='S'`` in VICO-UoE/DatasetCondensation utils.py);
 * ``idc``: ``flip`` and ``color`` always (if listed), then one of the listed
   geometric ops (crop/scale/rotate), then ``cutout`` (if listed);
 * ``none``: identity.
@@ -125,9 +128,21 @@ class Augment:
     def tokens(self) -> tuple[str, ...]:
         return tuple(t for t in self.strategy.split("_") if t) if self.mode != "none" else ()
 
-    def draw(self, groups: int, generator: torch.Generator, height: int, width: int) -> AugmentParams:
-        """Draw parameters for ``groups`` groups on the CPU (a fixed number of draws, whatever is active)."""
+    def draw(self, groups: int, generator: torch.Generator, height: int, width: int,
+             op_groups: Tensor | None = None) -> AugmentParams:
+        """Draw parameters for ``groups`` groups on the CPU (a fixed number of draws, whatever is active).
+
+        ``op_groups`` (``groups`` integers in ``[0, M)``, CPU): groups with the same index share the op
+        choice (``dsa``'s op; ``idc``'s geometric op); their parameters stay their own. Without it, every
+        group chooses alone (the same numbers as ``op_groups=torch.arange(groups)``).
+        """
         g, n = generator, groups
+        choices = n
+        if op_groups is not None:
+            if tuple(op_groups.shape) != (n,) or (n and int(op_groups.min()) < 0):
+                raise ValueError(f"op_groups must be {n} indices >= 0, got shape {tuple(op_groups.shape)}")
+            choices = int(op_groups.max()) + 1 if n else 0
+        share = lambda c: c if op_groups is None else c[op_groups]  # noqa: E731  one choice per op group
         u = torch.rand(n, 9, generator=g)
         shift_max = round(CROP_FRACTION * height), round(CROP_FRACTION * width)
         shifts = torch.stack([torch.randint(-s, s + 1, (n,), generator=g) for s in shift_max], 1)
@@ -136,11 +151,11 @@ class Augment:
                                for dim, s in zip((height, width), side)], 1)
         tokens = self.tokens
         if self.mode == "dsa" and tokens:
-            chosen = torch.randint(len(tokens), (n,), generator=g)
+            chosen = share(torch.randint(len(tokens), (choices,), generator=g))
             active = {t: chosen == i for i, t in enumerate(tokens)}
         else:
             geometric = [t for t in tokens if t in GEOMETRIC]
-            pick = torch.randint(max(len(geometric), 1), (n,), generator=g)
+            pick = share(torch.randint(max(len(geometric), 1), (choices,), generator=g))
             active = {t: torch.full((n,), t in tokens) for t in ("flip", "color", "cutout")}
             active.update({t: pick == i for i, t in enumerate(geometric)})
         off = torch.zeros(n, dtype=torch.bool)
@@ -175,12 +190,12 @@ class Augment:
             column(centres),  # CUTOUT_CENTER
         ], 1))
 
-    def draw_groups(self, generators: Sequence[torch.Generator], height: int, width: int, groups: int = 1
-                    ) -> AugmentParams:
+    def draw_groups(self, generators: Sequence[torch.Generator], height: int, width: int, groups: int = 1,
+                    op_groups: Tensor | None = None) -> AugmentParams:
         """``groups`` groups from each generator in turn, in one buffer: exactly the numbers of
-        ``draw(groups, g, height, width)`` for each ``g``, concatenated (one stream per class in
-        condensation, one per run in evaluation)."""
-        return AugmentParams(torch.cat([self.draw(groups, g, height, width).values for g in generators]))
+        ``draw(groups, g, height, width, op_groups)`` for each ``g``, concatenated (one stream per class
+        in condensation, one per run in evaluation)."""
+        return AugmentParams(torch.cat([self.draw(groups, g, height, width, op_groups).values for g in generators]))
 
     def apply(self, x: Tensor, params: AugmentParams, group: Tensor, geometric_count: int | None = None) -> Tensor:
         """Augment ``x`` (N, c, H, W); sample ``i`` uses the parameters of group ``group[i]``.

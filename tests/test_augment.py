@@ -1,4 +1,4 @@
-"""Augmentation: packed parameters, geometric ops only where drawn."""
+"""Augmentation: packed parameters, geometric ops only where drawn, one op choice per batch."""
 
 from __future__ import annotations
 
@@ -69,6 +69,45 @@ def test_parameters_of_many_streams_are_one_buffer_with_the_numbers_of_each_stre
     assert packed.flip.dtype == torch.bool and packed.cutout_center.dtype == torch.long
     assert packed.theta.shape == (50, 2, 3)
     assert packed.to("cpu") is packed
+
+
+def _op(params: AugmentParams) -> list[str]:
+    """The op each group of a ``dsa`` draw applies, read back from its parameters
+    ("flip?": the flip op, or a flip whose coin said no)."""
+    t = params.theta
+    return ["color" if c else "cutout" if k else
+            ("rotate" if r[0, 1] != 0 else "scale" if r[0, 0] != 1 or r[1, 1] != 1 else "crop") if g else "flip?"
+            for c, k, g, r in zip(params.color.tolist(), params.cutout.tolist(), params.geometric.tolist(), t)]
+
+
+def test_op_groups_share_the_op_choice_and_keep_their_own_parameters():
+    """The DC reference (``aug_mode='S'``) picks one op per training batch and draws its parameters per sample."""
+    aug = Augment("dsa", "color_crop_cutout_flip_scale_rotate")
+    epochs, n, batch = 6, 100, 32
+    bounds = [(s, min(s + batch, n)) for s in range(0, n, batch)]
+    of_batch = torch.cat([torch.full((e - s,), b) for b, (s, e) in enumerate(bounds)])
+    op_groups = (torch.arange(epochs).view(-1, 1) * len(bounds) + of_batch).flatten()
+
+    shared = aug.draw(epochs * n, generator(0, "eval-augment", 0), 28, 28, op_groups=op_groups)
+    ops = _op(shared)
+    seen = set()
+    for b in range(epochs * len(bounds)):
+        members = (op_groups == b).nonzero().squeeze(1)
+        batch_ops = {ops[i] for i in members}
+        assert len(batch_ops) == 1, batch_ops  # one op for the whole batch
+        seen |= batch_ops
+        assert shared.brightness[members].unique().numel() == members.numel()  # parameters per sample
+        if batch_ops != {"flip?"}:
+            assert not shared.flip[members].any()
+        else:
+            assert 0 < shared.flip[members].sum() < members.numel()  # the flip op: a coin per sample
+    assert seen == {"color", "cutout", "flip?", "rotate", "scale", "crop"}
+
+    # without op groups every group chooses alone: the same numbers as one op group per group
+    alone = aug.draw(epochs * n, generator(0, "eval-augment", 0), 28, 28)
+    assert torch.equal(alone.values, aug.draw(epochs * n, generator(0, "eval-augment", 0), 28, 28,
+                                              op_groups=torch.arange(epochs * n)).values)
+    assert len({_op(alone)[i] for i in range(batch)}) > 1
 
 
 @CUDA
