@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillkit.errors import UsageError
-from distillkit.transfer import to_device
+from distillkit.devices import to_device
 
 TOKENS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 GEOMETRIC = ("crop", "scale", "rotate")

@@ -134,8 +134,7 @@ class Condenser:
     # -- one iteration ---------------------------------------------------
     def _augment_params(self, it: int, classes: Sequence[int]) -> AugmentParams:
         h, w = self.real.spec.height, self.real.spec.width
-        drawn = [self.augment.draw(1, generator(self.cfg.seed, "augment", it, c), h, w) for c in classes]
-        return AugmentParams(**{k: torch.cat([getattr(p, k) for p in drawn]) for k in drawn[0].__dict__})
+        return self.augment.draw_groups([generator(self.cfg.seed, "augment", it, c) for c in classes], h, w)
 
     def _syn_subset(self, syn: Tensor, it: int, classes: Sequence[int]) -> Tensor:
         cap = self.cfg.batch_syn
@@ -151,7 +150,8 @@ class Condenser:
         self.param.project()
         extract = self.sampler.extractor(it)
         n_r = self.batch_real
-        params = self._augment_params(it, classes)
+        drawn = self._augment_params(it, classes)  # on the host: the geometric counts need no device sync
+        params = drawn.to(self.device)  # one copy for the whole iteration
         chunk = self.cfg.real_chunk or len(classes)
         with torch.no_grad():  # real features: one batched forward per chunk of classes (all by default)
             pieces = []
@@ -159,7 +159,8 @@ class Condenser:
                 part = classes[start:start + chunk]
                 real = torch.cat([self.real.sample(c, n_r, generator(seed, "real", it, c)) for c in part])
                 group = torch.arange(start, start + len(part)).repeat_interleave(n_r)
-                pieces.append(self._features(extract, self.augment.apply(real, params, group),
+                pieces.append(self._features(extract, self.augment.apply(real, params, group,
+                                                                         drawn.geometric_count(group)),
                                              self.forward_batch))
             real_features = torch.cat(pieces).view(len(classes), n_r, -1)
 
@@ -167,7 +168,8 @@ class Condenser:
             self._move_to_class_steps()
         syn = self._syn_subset(self.param.decode(classes), it, classes)
         k, n_s = syn.shape[:2]
-        syn = self.augment.apply(syn.flatten(0, 1), params, torch.arange(k).repeat_interleave(n_s))
+        group = torch.arange(k).repeat_interleave(n_s)
+        syn = self.augment.apply(syn.flatten(0, 1), params, group, drawn.geometric_count(group))
         loss = self.objective(real_features, self._features(extract, syn, self.forward_batch).view(k, n_s, -1)).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -105,11 +105,16 @@ def default_test_batch(device: torch.device | str, height: int, width: int) -> i
     return cache_sized_batch(height, width) if is_cpu(device) else ACCELERATOR_TEST_BATCH
 
 
-def to_device(t: Tensor, device: torch.device) -> Tensor:
-    """Host -> device without stalling the host: from pinned memory, asynchronously, on CUDA."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+def to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """``t`` on ``device``: from pinned memory and asynchronously on CUDA (a pageable ``.to`` waits for the
+    stream), unchanged if it is there already. Safe to drop ``t`` right after: the pinned staging block is
+    held by torch's host allocator until the copy is done."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def prepare(device: torch.device | str) -> None:

@@ -91,8 +91,7 @@ class _Stacked:
         for draw in range(2):
             scratch = {k: v.clone() for k, v in self.buffers.items()}  # leave the real statistics untouched
             try:
-                with torch.no_grad(), torch.random.fork_rng(devices=[xs.device] if xs.is_cuda else []):
-                    torch.manual_seed(draw)
+                with torch.no_grad(), seeded(draw, "stack-check", device=xs.device):
                     outputs.append(torch.vmap(self._call, randomness="different")(self.params, scratch, xs))
             except Exception as exc:  # vmap raises several types for unsupported forwards
                 return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -154,6 +153,7 @@ class _Draws:
     order: Tensor  # (R, K, n) sample index at each position of each epoch
     group: Tensor  # (R, K, n) augmentation group of each position: r * K * n + k * n + j
     augment: AugmentParams | None  # one group per (run, epoch, position)
+    geometric: list[list[int]] | None  # per epoch and batch: samples of all runs that drew a geometric op
     mix: Tensor | None  # (R, K, n) CutMix partner position (inside the same batch)
     box: Tensor | None  # (R, K, batches, 4) CutMix box y0, y1, x0, x1 (empty where CutMix is off)
     kept: Tensor | None  # (R, K, batches) weight of the own label (1 where CutMix is off)
@@ -171,7 +171,11 @@ class TrainingProtocol:
     epoch ``E // 2 + 1``), ``"floor"`` as IDC's ``MultiStepLR([2 * E // 3,
     5 * E // 6])`` (``E`` epochs, floored milestones). ``no_flip`` names datasets
     on which the protocol drops the ``flip`` op (IDC's ``remove_aug`` for MNIST
-    and SVHN; :meth:`for_dataset`). The last three
+    and SVHN; :meth:`for_dataset`). ``op_per="batch"`` draws the augmentation op
+    (``dsa``) or the geometric op (``idc``) once per training batch, its
+    parameters per sample, as both references do (DC's ``DiffAugment`` with
+    ``aug_mode='S'``, IDC's ``DiffAug(batch=False)``); ``"sample"`` draws the op
+    per sample too. The last three
     fields are the speed settings (see :data:`SPEED_SETTINGS`): ``stacked``
     trains the runs together (None: :func:`~distillkit.devices.default_stacked`),
     ``compile`` wraps the training forward in ``torch.compile``, ``test_batch``
@@ -192,6 +196,7 @@ class TrainingProtocol:
     cutmix_prob: float = 0.0
     cutmix_beta: float = 1.0
     schedule: str = "dc"
+    op_per: str = "batch"
     no_flip: tuple[str, ...] = ()
     test_limit: int | None = None
     stacked: bool | None = None
@@ -206,6 +211,8 @@ class TrainingProtocol:
         return out
 
     def __post_init__(self) -> None:
+        if self.op_per not in ("batch", "sample"):
+            raise UsageError(f"unknown op_per {self.op_per!r} for protocol {self.name!r}; choose one of: batch, sample")
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r} for protocol {self.name!r}; choose one of: "
                              f"{', '.join(SCHEDULES)}")
@@ -272,7 +279,7 @@ class TrainingProtocol:
     def _train_and_test(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, test: TrainingSet,
                         seed: int, model: str) -> list[float]:
         # Dropout-like layers draw from torch's global generator: seed it from the runs, never from leftover state.
-        with seeded(seed, "eval-train", model, *run_ids):
+        with seeded(seed, "eval-train", model, *run_ids, device=train.images.device):
             self._train(net, run_ids, train, seed, model)
         return self._test(net, len(run_ids), test)
 
@@ -304,7 +311,8 @@ class TrainingProtocol:
                 idx = draws.order[:, k, s:e]
                 xs, ys = train.images[idx], train.labels[idx]  # (R, B, ...)
                 if draws.augment is not None:
-                    xs = aug.apply(xs.flatten(0, 1), draws.augment, draws.group[:, k, s:e].flatten()).view_as(xs)
+                    xs = aug.apply(xs.flatten(0, 1), draws.augment, draws.group[:, k, s:e].flatten(),
+                                   draws.geometric[k][b]).view_as(xs)
                 if draws.mix is not None:
                     xs, ys_other, kept = self._cutmix(xs, ys, draws, k, b, s, e)
                 logits = net.forward(xs).flatten(0, 1)
@@ -323,18 +331,24 @@ class TrainingProtocol:
         order = torch.stack([torch.rand(epochs, n, generator=generator(seed, "eval-shuffle", model, r, block))
                              .argsort(dim=1) for r in run_ids])
         group = torch.arange(order.numel(), device=device).view(order.shape)
-        params = None
+        params, geometric = None, None
         if aug.mode != "none":
-            drawn = [aug.draw(epochs * n, generator(seed, "eval-augment", model, r, block), h, w) for r in run_ids]
-            params = AugmentParams(**{f: devices.to_device(torch.cat([getattr(p, f) for p in drawn]), device)
-                                      for f in drawn[0].__dict__})
+            # op_per "batch": the op (dsa) or geometric op (idc) of a batch is one draw, as in the references
+            batch_of = torch.bucketize(torch.arange(n), torch.tensor([e for _, e in bounds]), right=True)
+            op_groups = ((torch.arange(epochs) * len(bounds)).view(-1, 1) + batch_of).flatten() \
+                if self.op_per == "batch" else None
+            cpu = aug.draw_groups([generator(seed, "eval-augment", model, r, block) for r in run_ids], h, w,
+                                  groups=epochs * n, op_groups=op_groups)
+            drew = cpu.geometric.view(len(run_ids), epochs, n)
+            geometric = [[int(drew[:, k, s:e].sum()) for s, e in bounds] for k in range(epochs)]  # host, no sync
+            params = cpu.to(device)
         if self.cutmix_prob <= 0:
-            return _Draws(devices.to_device(order, device), group, params, None, None, None)
+            return _Draws(devices.to_device(order, device), group, params, geometric, None, None, None)
         mix, box, kept = zip(*(self._draw_cutmix(np.random.default_rng(derive_seed(seed, "eval-cutmix", model, r,
                                                                                     block)), epochs, h, w, bounds)
                                for r in run_ids))
         as_device = lambda arrays: devices.to_device(torch.from_numpy(np.stack(arrays)), device)  # noqa: E731
-        return _Draws(devices.to_device(order, device), group, params, as_device(mix), as_device(box),
+        return _Draws(devices.to_device(order, device), group, params, geometric, as_device(mix), as_device(box),
                       as_device(kept).float())
 
     def _draw_cutmix(self, rng: np.random.Generator, epochs: int, h: int, w: int, bounds: list[tuple[int, int]]

@@ -10,7 +10,7 @@ from distillkit.condense import Condenser
 from distillkit.config import parse_sets, resolve
 from distillkit.data import load_split, resolve_root
 from distillkit.seeding import derive_seed, seeded
-from distillkit.zoo import random_embedder
+from distillkit.models import random_embedder
 
 #: the CUDA cases run only where CUDA is; a skip here is a case not run, not a pass
 DEVICES = [pytest.param("cpu"),
@@ -66,6 +66,6 @@ def test_random_networks_and_condense_iterations_leave_global_generators_alone(m
     condenser.initialize()
     start = condenser.param.stored().clone()
     for _ in range(3):
-        condenser.step()
+        condenser.run_iteration()
     assert not torch.equal(condenser.param.stored(), start)  # the iterations really ran
     _assert_unchanged(before, device)
