@@ -1,8 +1,10 @@
 """Accuracy of distilled sets beside the published figures and the random-subset baseline.
 
 Runs a grid (method x dataset x IPC) through the real CLI code path (``distillkit distill`` then
-``distillkit evaluate`` with the ``dc-classic`` protocol) and writes
-``benchmarks/results/accuracy-<scale>-<device>.json`` and a markdown table beside it.
+``distillkit evaluate``) and writes ``benchmarks/results/accuracy-<scale>-<device>.json`` and a markdown
+table beside it. Every row names its protocol and records its settings: each method is evaluated under
+the protocol of its paper and under ``dc-classic``, the one every method and the random baseline share
+(:data:`PROTOCOLS`).
 
 Scales:
 
@@ -49,6 +51,11 @@ PUBLISHED: dict[tuple[str, int], dict[str, tuple[float, float | None, bool]]] = 
 }
 
 
+#: the protocols each method's rows are evaluated under: dc-classic for all (DM's own, DC's evaluate_synset),
+#: idc too for M3D (its paper reports under IDC's protocol)
+PROTOCOLS = {"dm": ("dc-classic",), "m3d": ("dc-classic", "idc")}
+
+
 def _cli(*args: str) -> None:
     cli.main([str(a) for a in args], prog_name="distillkit", standalone_mode=False)
 
@@ -80,10 +87,11 @@ def main() -> None:
                 _cli("distill", "--method", method, "--dataset", dataset, "--ipc", ipc, "--seed", args.seed,
                      "--device", args.device, "--out", run_dir, "--overwrite", *scale["distill"],
                      *(["--iterations", args.iterations] if args.iterations else []))
-                with_baseline = "random" in args.methods and not baseline_done
-                _cli("evaluate", run_dir, "--protocol", "dc-classic", "--epochs", epochs, "--runs", runs,
-                     "--device", args.device, "--baseline" if with_baseline else "--no-baseline")
-                baseline_done |= with_baseline
+                for protocol in PROTOCOLS.get(method, ("dc-classic",)):
+                    with_baseline = "random" in args.methods and not baseline_done and protocol == "dc-classic"
+                    _cli("evaluate", run_dir, "--protocol", protocol, "--epochs", epochs, "--runs", runs,
+                         "--device", args.device, "--baseline" if with_baseline else "--no-baseline")
+                    baseline_done |= with_baseline
                 report = json.loads((run_dir / "eval.json").read_text())
                 config = json.loads((run_dir / "config.json").read_text())
                 for row in report["results"]:
@@ -95,6 +103,7 @@ def main() -> None:
                         **provenance(), "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"],
                         "std": row["std"],
                         "accuracies": row["accuracies"], "model": row["model"], "protocol": row["protocol"],
+                        "protocol_settings": row["protocol_settings"],
                         "epochs": epochs, "runs": runs, "seed": args.seed,
                         **({"iterations": config["iterations"], "batch_real": config["batch_real"],
                             "lr_img": config["lr_img"]} if name != "random" else {}),
@@ -103,8 +112,8 @@ def main() -> None:
                         "published_verified": published[2] if published else None,
                     })
                 save(rows, args.scale, scale, device)  # after every cell: a long grid keeps what it has
-    print_table(rows, ["dataset", "ipc", "method", "mean", "std", "published", "iterations", "batch_real"],
-                title=f"accuracy ({args.scale} scale, dc-classic {epochs} epochs x {runs} runs, {device})")
+    print_table(rows, ["dataset", "ipc", "method", "protocol", "mean", "std", "published", "iterations", "batch_real"],
+                title=f"accuracy ({args.scale} scale, {epochs} epochs x {runs} runs, {device})")
     print(f"wrote {save(rows, args.scale, scale, device)}")
 
 
@@ -112,7 +121,7 @@ def save(rows: list[dict], scale_name: str, scale: dict, device) -> Path:
     """Write this grid's rows, keeping the cells of an earlier grid at the same scale settings that this one
     did not run (so a grid can be completed piece by piece, each row keeping its own date)."""
     name = f"accuracy-{scale_name}"
-    key = lambda r: (r["dataset"], r["ipc"], r["method"])  # noqa: E731
+    key = lambda r: (r["dataset"], r["ipc"], r["method"], protocol_label(r))  # noqa: E731
     earlier = RESULTS / f"{name}-{device_label(device)}.json"
     kept = []
     if earlier.exists():
@@ -127,17 +136,28 @@ def save(rows: list[dict], scale_name: str, scale: dict, device) -> Path:
     return path
 
 
+def protocol_label(row: dict) -> str:
+    """The protocol a row was measured under; ``†`` marks rows measured before the protocols followed their
+    references (stop 12: augmentation op per sample, ``E`` epochs with the decay at ``E/2``)."""
+    return row["protocol"] if "protocol_settings" in row else f"{row['protocol']}†"
+
+
+OLD_PROTOCOL_NOTE = ("† measured before `dc-classic` followed DC's `evaluate_synset` (then: one augmentation op per "
+                     "sample, E epochs with the decay at E/2; now one op per batch, E+1 epochs, decay after E//2+1).")
+
+
 def render_markdown(rows: list[dict], scale: str, device: str) -> str:
-    lines = [f"Accuracy (%), ConvNet-3, `dc-classic` protocol, {scale} scale, {device}; mean ± std over "
-             f"evaluation runs. Published: method-notes.md (* = not yet verified against the paper).", "",
-             "| dataset | IPC | method | distillkit | published | iterations | real/class |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Accuracy (%), ConvNet-3, {scale} scale, {device}; mean ± std over evaluation runs, under the "
+             f"protocol named on each row. Published: method-notes.md (* = not yet verified against the paper). "
+             + OLD_PROTOCOL_NOTE, "",
+             "| dataset | IPC | method | protocol | distillkit | published | iterations | real/class |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         published = "–" if r["published"] is None else (
             f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
             + ("" if r["published_verified"] else " *"))
         iterations, real = r.get("iterations", "–"), r.get("batch_real", "–")
-        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {r['mean']:.2f} ± {r['std']:.2f} | "
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {protocol_label(r)} | {r['mean']:.2f} ± {r['std']:.2f} | "
                      f"{published} | {iterations} | {real} |")
     return "\n".join(lines) + "\n"
 

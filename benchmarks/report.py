@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks.accuracy import OLD_PROTOCOL_NOTE, protocol_label
 from benchmarks.common import RESULTS
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -53,22 +54,23 @@ def _pm(mean: float, std: float | None) -> str:
 
 def accuracy(name: str, report: dict[str, Any]) -> str:
     order = {"random": 0, "dm": 1, "m3d": 2}
-    rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], order.get(r["method"], 9)))
+    rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], protocol_label(r) != "dc-classic",
+                                                 protocol_label(r), order.get(r["method"], 9)))
     table = []
     for r in rows:
         published = "–" if r["published"] is None else (
             f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
             + ("" if r["published_verified"] else " *"))
-        table.append([r["dataset"], str(r["ipc"]), r["method"], _pm(r["mean"], r["std"]), published,
-                      str(r.get("iterations", "–")), str(r.get("batch_real", "–"))])
-    cells: dict[tuple[str, int], dict[str, float]] = {}
+        table.append([r["dataset"], str(r["ipc"]), r["method"], protocol_label(r), _pm(r["mean"], r["std"]),
+                      published, str(r.get("iterations", "–")), str(r.get("batch_real", "–"))])
+    cells: dict[tuple[str, int, str], dict[str, float]] = {}
     for r in rows:
-        cells.setdefault((r["dataset"], r["ipc"]), {})[r["method"]] = r["mean"]
+        cells.setdefault((r["dataset"], r["ipc"], protocol_label(r)), {})[r["method"]] = r["mean"]
     verdicts = []
-    for (dataset, ipc), means in cells.items():
+    for (dataset, ipc, protocol), means in cells.items():
         if {"random", "dm", "m3d"} <= set(means):
             holds = means["m3d"] >= means["dm"] > means["random"]
-            verdicts.append(f"{dataset} IPC {ipc}: {'yes' if holds else '**no**'}")
+            verdicts.append(f"{dataset} IPC {ipc} ({protocol}): {'yes' if holds else '**no**'}")
     settings = report["scale_settings"]
     cells_by_command: dict[str, list[str]] = {}
     for r in rows:
@@ -77,10 +79,13 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         if cell not in cells:
             cells.append(cell)
     return "\n\n".join(filter(None, [
-        f"**Accuracy, {report['scale']} scale**: ConvNet-3, `dc-classic` protocol, {settings['epochs']} epochs x "
-        f"{settings['runs']} evaluation runs, mean ± std; condense settings in the last two columns. Published figures "
-        f"are full-scale (method-notes.md; * = not yet verified against the paper) and are there for orientation only.",
-        _table(["dataset", "IPC", "method", "distillkit", "published", "iterations", "real/class"], table),
+        f"**Accuracy, {report['scale']} scale**: ConvNet-3, {settings['epochs']} epochs x {settings['runs']} "
+        f"evaluation runs, mean ± std, under the protocol named on each row (`dc-classic`: DC's evaluate_synset, "
+        f"shared by every method and the random baseline; `idc`: IDC's protocol, under which M3D's paper reports); "
+        f"condense settings in the last two columns. Published figures are full-scale (method-notes.md; * = not "
+        f"yet verified against the paper) and are there for orientation only. "
+        + (OLD_PROTOCOL_NOTE if any("protocol_settings" not in r for r in rows) else ""),
+        _table(["dataset", "IPC", "method", "protocol", "distillkit", "published", "iterations", "real/class"], table),
         ("M3D ≥ DM > random: " + "; ".join(verdicts) + ".") if verdicts else None,
         _source(name, report),
         ("The grid was completed in parts (each row records its command and date): "
