@@ -7,7 +7,7 @@ plugins`` lists what the host itself provides.
 from distillkit import hookimpl
 from distillkit.data import builtin_datasets
 from distillkit.evaluate import TrainingProtocol
-from distillkit.zoo import classic, convnet
+from distillkit.zoo import classic, convnet, resnetap
 
 PROTOCOLS = (
     TrainingProtocol(
@@ -42,5 +42,5 @@ def register_protocols(register):
 
 @hookimpl
 def register_models(register):
-    for name, factory in {**convnet.VARIANTS, **classic.VARIANTS}.items():
+    for name, factory in {**convnet.VARIANTS, **classic.VARIANTS, **resnetap.VARIANTS}.items():
         register(name, factory)
