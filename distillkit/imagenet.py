@@ -397,7 +397,8 @@ def default_workers(images: int) -> int:
 def _decode_into(target: Path, listing: Listing, size: int, shape: tuple[int, ...], workers: int | None,
                  title: str) -> None:
     """Decode every file of ``listing`` into ``target`` (already ``shape`` bytes long), with a progress bar."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     n = len(listing.files)
     workers = default_workers(n) if workers is None else max(1, workers)
