@@ -155,7 +155,7 @@ def main() -> None:
                         help="configurations not run (default: M3D IPC 10 at 128 px: its one backward over the "
                              "decoded images of all classes needs more memory than a shared machine can spare; "
                              "the report extrapolates its peak from the rows measured at that size)")
-    parser.add_argument("--workers", type=int, default=imagenet.default_workers(10**9))
+    parser.add_argument("--workers", type=int, default=imagenet.available_cpus(), help="decoding processes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each condense process")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", help=argparse.SUPPRESS)

@@ -38,6 +38,7 @@ split, size and source folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -293,12 +294,8 @@ def _build(dataset: str, split: str, listing: Listing, size: int, entry: CacheEn
     tmp = folder / f".{entry.data.name}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as fh:
-            try:  # reserve the space now: a full disk under a memory map would kill a worker with SIGBUS
-                os.posix_fallocate(fh.fileno(), 0, entry.nbytes)
-            except OSError as exc:
-                raise UsageError(f"{dataset}: the decoded {split} split needs {entry.nbytes / 2**30:.2f} GiB in "
-                                 f"{folder} ({exc.strerror}); free space there or set $DISTILLKIT_IMAGE_CACHE "
-                                 f"to another folder") from None
+            _reserve(fh.fileno(), entry.nbytes, f"{dataset}: the decoded {split} split needs "
+                     f"{entry.nbytes / 2**30:.2f} GiB in {folder}")
         _decode_into(tmp, listing, size, entry.shape, workers, f"decoding {dataset} {split} ({size} px)")
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -313,6 +310,21 @@ def _build(dataset: str, split: str, listing: Listing, size: int, entry: CacheEn
     _drop_replaced(entry, dataset, split, size, listing.root)
 
 
+def _reserve(fd: int, nbytes: int, need: str) -> None:
+    """Make the file ``nbytes`` long with its blocks allocated now: a disk that fills up under a memory map
+    would kill a decoding worker with SIGBUS instead of failing here with a message."""
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UsageError(f"{need} ({exc.strerror}); free space there or set $DISTILLKIT_IMAGE_CACHE to "
+                             f"another folder") from None
+    except AttributeError:  # no posix_fallocate on this platform (macOS)
+        pass
+    os.ftruncate(fd, nbytes)  # the file system cannot reserve blocks: a sparse file, filled by the workers
+
+
 def _drop_replaced(entry: CacheEntry, dataset: str, split: str, size: int, root: Path) -> None:
     """Remove caches of the same dataset, split, size and source folder that ``entry`` replaces."""
     for manifest in entry.manifest.parent.glob(f"{dataset}-{split}-{size}px-*.json"):
@@ -323,8 +335,8 @@ def _drop_replaced(entry: CacheEntry, dataset: str, split: str, size: int, root:
         except (OSError, ValueError):
             continue
         if source == str(root):
-            manifest.unlink(missing_ok=True)
-            manifest.with_suffix(".u8").unlink(missing_ok=True)
+            for path in (manifest, manifest.with_suffix(".u8"), manifest.with_suffix(".lock")):
+                path.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -388,10 +400,14 @@ def _decode_chunk(start: int, files: Sequence[str]) -> int:
     return _worker(start, files)
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(images: int) -> int:
     """One decoding process per available CPU, but none that would decode fewer than a few hundred images."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, images // MIN_IMAGES_PER_WORKER))
+    return max(1, min(available_cpus(), images // MIN_IMAGES_PER_WORKER))
 
 
 def _decode_into(target: Path, listing: Listing, size: int, shape: tuple[int, ...], workers: int | None,

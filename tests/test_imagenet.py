@@ -277,14 +277,14 @@ def test_factor_3_decodes_nine_tiles_per_image_at_128_px(imagenette_tree):
 
 def test_distill_m3d_and_evaluate_resnetap10_end_to_end(imagenette_tree, tmp_path, _cache):
     distill = ["distill", "--method", "m3d", "--dataset", "imagenette", "--data-root", imagenette_tree.parent,
-               "--set", "dataset.size=32", "--set", "parameterization.factor=3", "--ipc", "1", "--iterations", "2",
+               "--set", "dataset.size=32", "--set", "parameterization.factor=3", "--ipc", "1", "--iterations", "1",
                "--batch-real", "6", "--device", "cpu"]
     run_cli(*distill, "--out", tmp_path / "run")
     built = cached_files(_cache)
     run_cli(*distill, "--out", tmp_path / "again")  # a second run maps the cache, decodes nothing
     assert cached_files(_cache) == built
     assert torch.equal(load_synthetic(tmp_path / "run").images, load_synthetic(tmp_path / "again").images)
-    run_cli("evaluate", tmp_path / "run", "--models", "resnetap10", "--protocol", "smoke", "--epochs", "2",
+    run_cli("evaluate", tmp_path / "run", "--models", "resnetap10", "--protocol", "smoke", "--epochs", "1",
             "--runs", "1", "--device", "cpu", "--data-root", imagenette_tree.parent)
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     rows = {row["kind"]: row for row in report["results"]}
