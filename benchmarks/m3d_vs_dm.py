@@ -84,10 +84,10 @@ def main() -> None:
             condensers[name].initialize()
         times: dict[str, list[float]] = {name: [] for name in condensers}
         for name, condenser in condensers.items():  # warm-up
-            timed(condenser.step, device, repeats=1, warmup=0)
+            timed(condenser.run_iteration, device, repeats=1, warmup=0)
         for _ in range(args.iterations):
             for name, condenser in condensers.items():
-                times[name].append(timed(condenser.step, device, repeats=1, warmup=0)[0])
+                times[name].append(timed(condenser.run_iteration, device, repeats=1, warmup=0)[0])
         base = statistics.mean(times["dm"]) if "dm" in times else None
         for name, condenser in condensers.items():
             cfg = condenser.cfg

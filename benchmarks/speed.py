@@ -85,12 +85,12 @@ def main() -> None:
             for name, condenser in condensers.items():  # warm-up, and the peak memory of one iteration
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                timed(condenser.step, device, repeats=1, warmup=0)
+                timed(condenser.run_iteration, device, repeats=1, warmup=0)
                 peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
             times: dict[str, list[float]] = {name: [] for name in condensers}
             for _ in range(args.iterations):
                 for name, condenser in condensers.items():
-                    times[name].append(timed(condenser.step, device, repeats=1, warmup=0)[0])
+                    times[name].append(timed(condenser.run_iteration, device, repeats=1, warmup=0)[0])
             median = {name: statistics.median(t) for name, t in times.items()}
             for name, condenser in condensers.items():
                 method = VARIANTS[name][0]

@@ -8,7 +8,7 @@ are defined in :mod:`distillkit.datasets`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -33,27 +33,64 @@ def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
 
 @dataclass
 class RealData:
-    """A split as one normalised tensor on the device, indexed by class."""
+    """A split indexed by class, normalised as it is gathered.
+
+    ``pixels`` holds the split as uint8 ``(N, c, H, W)``; every gather (:meth:`sample`,
+    :meth:`class_images`, ``images[...]``) indexes it, moves the rows to ``device`` and normalises
+    them there, so no float copy of the split ever exists. Where the pixels live:
+
+    * in private memory (MNIST, CIFAR: the loader read the files), they move to ``device`` once,
+      as uint8 (a quarter of a float copy), and gathers index them there;
+    * shared or memory-mapped (``Tensor.is_shared()``: the decoded ImageNet cache of
+      :mod:`distillkit.imagenet`), they stay on the host and only the gathered rows are copied
+      (from pinned memory, asynchronously, on CUDA); the operating system reads pages as they are
+      touched, so neither RAM nor device memory holds the split.
+
+    Normalising after the gather applies the same elementwise operations to the same values as
+    normalising the whole split first, so results are bit-identical either way.
+    """
 
     spec: ImageSpec
-    images: Tensor
+    pixels: Tensor
     labels: Tensor
     class_names: tuple[str, ...]
-    #: images per class in the whole split (kept by :meth:`restricted`, so sizes never depend on a shard)
-    split_counts: tuple[int, ...] = ()
+    #: where gathered images go (None: where the pixels are)
+    device: torch.device | str | None = None
+    #: the classes served (None: all); labels keep their global values and sizes stay the split's
+    classes: tuple[int, ...] | None = None
+    #: images per class in the whole split (so sizes never depend on which classes a shard serves)
+    split_counts: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        order = torch.argsort(self.labels.cpu(), stable=True)
-        counts = torch.bincount(self.labels.cpu(), minlength=self.spec.num_classes)
-        self._by_class = list(torch.split(order, counts.tolist()))
-        if not self.split_counts:
-            self.split_counts = tuple(counts.tolist())
+        self.device = torch.device(self.device) if self.device is not None else self.pixels.device
+        labels = self.labels.cpu()
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels, minlength=self.spec.num_classes)
+        self.split_counts = tuple(counts.tolist())
+        self._by_class = list(torch.split(order, self.split_counts))
+        if self.classes is not None:
+            served = set(self.classes)
+            self._by_class = [m if c in served else m[:0] for c, m in enumerate(self._by_class)]
+        self._rows = torch.cat(self._by_class).sort().values  # served rows, in dataset order
+
+    @property
+    def images(self) -> "GatheredImages":
+        """The served images, normalised, gathered where indexed (``images[:4]``); see :class:`GatheredImages`."""
+        return GatheredImages(self)
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """Normalised images of split rows ``rows`` (CPU int64), on ``device``."""
+        picked = self.pixels[rows.to(self.pixels.device)]
+        if picked.device != self.device:
+            picked = picked.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+                else picked.to(self.device)
+        return self.spec.normalize(picked.float().div_(255))
 
     def count(self, label: int) -> int:
         return len(self._by_class[label])
 
     def class_images(self, label: int) -> Tensor:
-        return self.images[self._by_class[label].to(self.images.device)]
+        return self.gather(self._by_class[label])
 
     def sample_indices(self, label: int, n: int, generator: torch.Generator) -> Tensor:
         members = self._by_class[label]
@@ -62,26 +99,54 @@ class RealData:
         return members[torch.randperm(len(members), generator=generator)[:n]]
 
     def sample(self, label: int, n: int, generator: torch.Generator) -> Tensor:
-        return self.images[self.sample_indices(label, n, generator).to(self.images.device)]
+        return self.gather(self.sample_indices(label, n, generator))
 
     def restricted(self, classes: Sequence[int] | None, device: torch.device | str) -> "RealData":
-        """Only ``classes`` (all if None) on ``device``; labels keep their global values."""
-        if classes is None:
-            return RealData(self.spec, self.images.to(device), self.labels.to(device), self.class_names,
-                            self.split_counts)
-        keep = torch.isin(self.labels.cpu(), torch.as_tensor(list(classes)))
-        return RealData(self.spec, self.images[keep.to(self.images.device)].to(device),
-                        self.labels[keep.to(self.labels.device)].to(device), self.class_names, self.split_counts)
+        """Only ``classes`` (all if None), gathered to ``device``; the pixels are shared, not copied."""
+        return RealData(self.spec, _placed(self.pixels, device), self.labels, self.class_names, device,
+                        None if classes is None else tuple(classes))
 
     def as_training_set(self) -> TrainingSet:
-        return TrainingSet(self.images, self.labels.to(self.images.device))
+        """Every served image as one normalised tensor on the device (a full copy: for test splits)."""
+        return TrainingSet(self.gather(self._rows), self.labels.cpu()[self._rows].to(self.device))
+
+
+class GatheredImages:
+    """``RealData.images``: the served images, normalised, materialised only where indexed.
+
+    ``images[i]``, ``images[a:b]`` and ``images[rows]`` return float tensors on the device. There is no
+    whole-split tensor behind it, so an operation over every image (``.float()``, ``.mean()``) fails
+    instead of silently copying the split; :meth:`RealData.as_training_set` is the explicit full copy.
+    """
+
+    def __init__(self, data: RealData) -> None:
+        self._data = data
+
+    def __len__(self) -> int:
+        return len(self._data._rows)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self._data.pixels.shape[1:]))
+
+    @property
+    def device(self) -> torch.device:
+        return self._data.device
+
+    def __getitem__(self, key: int | slice | Tensor) -> Tensor:
+        rows = self._data._rows[key]
+        return self._data.gather(rows.view(-1))[0] if rows.dim() == 0 else self._data.gather(rows)
+
+
+def _placed(pixels: Tensor, device: torch.device | str) -> Tensor:
+    """Private-memory pixels move to ``device``; shared or memory-mapped ones stay on the host."""
+    return pixels if pixels.device.type == "cpu" and pixels.is_shared() else pixels.to(device)
 
 
 def load_split(spec: DatasetSpec, root: Path, train: bool, device: torch.device | str = "cpu") -> RealData:
     raw, labels = spec.load(root, train)
-    image_spec = spec.image_spec
-    expected = (image_spec.channels, image_spec.height, image_spec.width)
+    image = spec.image_spec
+    expected = (image.channels, image.height, image.width)
     if raw.shape[1:] != expected:
         raise UsageError(f"dataset {spec.name}: images have shape {tuple(raw.shape[1:])}, expected {expected}")
-    images = image_spec.normalize(raw.to(device=device).float().div_(255))
-    return RealData(image_spec, images, labels.to(device), spec.class_names)
+    return RealData(spec.image_spec, _placed(raw, device), labels.long(), spec.class_names, device)

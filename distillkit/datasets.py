@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from distillkit.errors import UsageError
+from distillkit.imagenet import imagenet_datasets
 from distillkit.interfaces import DatasetSpec, ImageSpec
 
 DIGITS = tuple(str(i) for i in range(10))
@@ -278,6 +279,7 @@ def builtin_datasets() -> dict[str, Callable[..., DatasetSpec]]:
     factories: dict[str, Callable[..., DatasetSpec]] = {name: _fixed(spec) for name, spec in fixed.items()}
     factories["imagefolder"] = image_folder
     factories["fake"] = fake
+    factories.update(imagenet_datasets())
     return factories
 
 

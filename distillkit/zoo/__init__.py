@@ -7,9 +7,9 @@ works as timm users expect; a name timm already has goes in as ``dk_<name>``
 once plugins are loaded (:class:`distillkit.registry.Plugins` mirrors them).
 """
 
-from distillkit.zoo import classic, convnet
+from distillkit.zoo import classic, convnet, resnetap
 
 #: every built-in architecture: name -> factory(num_classes=, in_chans=, img_size=)
-ARCHITECTURES = {**convnet.VARIANTS, **classic.VARIANTS}
+ARCHITECTURES = {**convnet.VARIANTS, **classic.VARIANTS, **resnetap.VARIANTS}
 
-__all__ = ["ARCHITECTURES", "classic", "convnet"]
+__all__ = ["ARCHITECTURES", "classic", "convnet", "resnetap"]
