@@ -21,7 +21,12 @@ out = Console(quiet=_rank() > 0)
 
 
 def device_options(command):
-    """``--device`` and ``--data-root``, shared by every command that loads data (one policy, one help text)."""
+    """``--device``, ``--data-root`` and ``--deterministic``, shared by every command that trains (one policy,
+    one help text)."""
+    command = click.option("--deterministic/--no-deterministic", default=None,
+                           help="torch's deterministic algorithms: bit-identical reruns on CUDA, where ops without "
+                                "a deterministic kernel then fail; CPUs are deterministic anyway.  [default: "
+                                "off]")(command)
     command = click.option("--data-root", type=click.Path(path_type=Path),
                            help="Dataset folder (else $DISTILLKIT_DATA, else cache).")(command)
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(command)
@@ -75,7 +80,7 @@ def cli(ctx: click.Context, plugins_dir: Path | None, debug: bool) -> None:
 
 _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augment_strategy", "lr_img", "momentum",
                   "iterations", "batch_real", "batch_syn", "step", "checkpoint_every", "log_every", "real_chunk",
-                  "forward_batch", "amp", "channels_last")
+                  "forward_batch", "amp", "channels_last", "deterministic")
 
 
 @cli.command()
@@ -102,7 +107,8 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @device_options
 @click.option("--checkpoint-every", type=int, help="Write a checkpoint every N iterations.  [default: 100]")
 @click.option("--log-every", type=int, help="Read the loss back and log it every N iterations.  [default: 10]")
-@click.option("--real-chunk", type=int, help="Classes per batched real-feature forward (bounds memory).  [default: all]")
+@click.option("--real-chunk", type=int,
+              help="Classes per batched forward, real and synthetic (bounds memory; same gradients).  [default: all]")
 @click.option("--forward-batch", type=int,
               help="Images per extractor call, real and synthetic (same features, changes speed).  [default: "
                    "16k pixels per call on CPUs when the extractor embeds images independently; all at once on GPUs]")
@@ -192,19 +198,20 @@ def _progress() -> Progress:
 @click.option("--seed", type=int, help="Evaluation seed.  [default: the run's seed]")
 @device_options
 def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, device,
-             data_root) -> None:
+             data_root, deterministic) -> None:
     """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv.
 
     Under torchrun the runs are shared out over the processes; rank 0 writes the merged files.
     """
     from distillkit.data import resolve_root
-    from distillkit.devices import resolve_device
+    from distillkit.devices import resolve_device, set_deterministic
     from distillkit.evaluate import evaluate_run, resolve_protocol
     from distillkit.models import known_model
 
     proto = resolve_protocol(protocol, epochs=epochs, test_limit=test_limit, stacked=stacked, compile=compile_)
     patterns = [m.strip() for m in models.split(",") if m.strip()]
     names = [known_model(m) for m in registry.plugins()["models"].match(patterns)]  # bad names fail here, at once
+    set_deterministic(bool(deterministic))
     dev = resolve_device(device)
     with _progress() as progress:
         task = progress.add_task("evaluate", total=None, loss="")

@@ -96,6 +96,7 @@ class Condenser:
             raise UsageError("--amp on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be "
                              "emulated and slower than float32; leave --amp off here")
         self.optimizer = torch.optim.SGD(self.param.parameters(), lr=self.cfg.lr_img, momentum=self.cfg.momentum)
+        self._coefficients: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     # -- state -----------------------------------------------------------
     def initialize(self, real: RealData | None = None) -> None:
@@ -166,13 +167,20 @@ class Condenser:
 
         if self.cfg.step == "class":
             self._move_to_class_steps()
-        syn = self._syn_subset(self.param.decode(classes), it, classes)
-        k, n_s = syn.shape[:2]
-        group = torch.arange(k).repeat_interleave(n_s)
-        syn = self.augment.apply(syn.flatten(0, 1), params, group, drawn.geometric_count(group))
-        loss = self.objective(real_features, self._features(extract, syn, self.forward_batch).view(k, n_s, -1)).sum()
+        # synthetic side in the same chunks: class losses are independent and a class's gradient reaches only
+        # its own rows, so the backward of each chunk adds up to the one of all classes (all: one chunk)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = real_features.new_zeros(())
+        for start in range(0, len(classes), chunk):
+            part = classes[start:start + chunk]
+            syn = self._syn_subset(self.param.decode(part), it, part)
+            k, n_s = syn.shape[:2]
+            group = torch.arange(start, start + k).repeat_interleave(n_s)
+            syn = self.augment.apply(syn.flatten(0, 1), params, group, drawn.geometric_count(group))
+            features = self._features(extract, syn, self.forward_batch).view(k, n_s, -1)
+            part_loss = self.objective(real_features[start:start + k], features).sum()
+            part_loss.backward()
+            loss = loss + part_loss.detach()
         if self.cfg.step == "class":
             self._finish_class_steps()
         else:
@@ -188,6 +196,14 @@ class Condenser:
     # steps (tested against them), one pass instead of C; a class's result never depends on which other
     # classes a process owns.
     def _class_coefficients(self, rows: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The four per-row coefficient columns for a parameter of ``rows`` rows per class: computed once per
+        run (and shape), on the parameter's device, so the loop builds and copies nothing per iteration."""
+        key = (rows, like.dim(), like.dtype, like.device)
+        if key not in self._coefficients:
+            self._coefficients[key] = self._compute_class_coefficients(rows, like)
+        return self._coefficients[key]
+
+    def _compute_class_coefficients(self, rows: int, like: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         m, num_classes = self.cfg.momentum, self.real.spec.num_classes
         position = torch.arange(num_classes, dtype=torch.float64)
         geometric = lambda n: m * (1 - m ** n) / (1 - m) if m != 1 else n  # noqa: E731  sum_{t=1..n} m^t

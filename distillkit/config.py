@@ -14,7 +14,7 @@ COMPONENTS = ("objective", "parameterization", "sampler", "dataset")
 
 
 #: RunConfig fields that change how fast a run computes, not what (speed settings): ``--resume`` may change them
-SPEED_FIELDS = ("checkpoint_every", "log_every", "real_chunk", "forward_batch", "channels_last")
+SPEED_FIELDS = ("checkpoint_every", "log_every", "real_chunk", "forward_batch", "channels_last", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class RunConfig:
     # is seconds of work on a GPU (0.5% of DM's 20k iterations) and cheap I/O even at IPC 50.
     checkpoint_every: int = 100
     log_every: int = 10
-    #: classes per batched real-feature forward (None: all at once; lower it to bound memory with many classes)
+    #: classes per batched forward, real and synthetic (None: all at once; lower it to bound memory)
     real_chunk: int | None = None
     #: images per extractor call (None: automatic, see Condenser.forward_batch); same features
     forward_batch: int | None = None
@@ -52,6 +52,8 @@ class RunConfig:
     amp: bool = False
     #: channels-last memory format for extractor inputs (faster convolutions on CUDA)
     channels_last: bool = False
+    #: torch's deterministic algorithms (bit-identical reruns on CUDA; see distillkit.devices.set_deterministic)
+    deterministic: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))

@@ -117,6 +117,19 @@ def to_device(t: Tensor, device: torch.device | str) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
+def set_deterministic(enabled: bool) -> None:
+    """torch's deterministic algorithms and cuDNN's deterministic, non-benchmarking kernels for this process
+    (``--deterministic``). On CUDA, ops without a deterministic kernel then raise instead of using atomic
+    adds (``grid_sample``'s and bilinear up-sampling's backward among them, so DSA's geometric ops and the
+    factor parameterization refuse to run there). On CPUs the kernels distillkit uses are deterministic
+    already: the flag changes nothing there."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it at its first use
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+
+
 def prepare(device: torch.device | str) -> None:
     """Process-wide tuning for long training on ``device`` (idempotent)."""
     if is_cpu(device):

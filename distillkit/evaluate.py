@@ -105,7 +105,8 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
     digests = {kind: content_digest({"images": t.images.cpu(), "labels": t.labels.cpu()}) for kind, t in sets.items()}
     report = _Report(run, {"run": str(run.path), "dataset": config["dataset"], "method": config["method"],
                            "ipc": synthetic.ipc, "distill_seed": synthetic.seed, "device": str(device),
-                           "ranks": world.size, "versions": versions()}, write=world.is_main)
+                           "ranks": world.size, "deterministic": torch.are_deterministic_algorithms_enabled(),
+                           "versions": versions()}, write=world.is_main)
 
     def row(model: str, kind: str, accuracies: list[float]) -> dict[str, Any]:
         mean, std = summarize(accuracies)

@@ -27,7 +27,7 @@ from distillkit.artifact import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, 
 from distillkit.condense import STREAMS, Condenser
 from distillkit.config import RunConfig
 from distillkit.data import load_split
-from distillkit.devices import device_for_rank
+from distillkit.devices import device_for_rank, set_deterministic
 from distillkit.distributed import World, any_across, sum_across, world as join_world
 from distillkit.errors import NonFiniteLossError
 from distillkit.rundir import RunDir
@@ -154,6 +154,7 @@ def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: P
     :mod:`distillkit.distributed`); rank 0 writes every file.
     """
     cfg.check_names()
+    set_deterministic(cfg.deterministic)
     run = RunDir(run_dir)
     device = device_for_rank(device)
     world = join_world(device)

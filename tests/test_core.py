@@ -321,3 +321,20 @@ def test_class_schedule_equals_one_sgd_step_per_class(mnist):
     assert torch.allclose(condenser.optimizer.state[images]["momentum_buffer"], oracle.state[sequential]["momentum_buffer"],
                           atol=1e-5, rtol=1e-5)
     assert not torch.allclose(images, start)
+
+
+@pytest.mark.parametrize("step", ["iteration", "class"])
+def test_class_chunks_bound_memory_without_changing_the_step(mnist, step):
+    """--real-chunk runs real and synthetic forwards (and backwards) a few classes at a time; the
+    gradients of independent class losses add up to the same step."""
+    results = []
+    for chunk in (None, 3):
+        condenser = Condenser(_tiny_cfg(step, real_chunk=chunk), mnist, torch.device("cpu"))
+        condenser.initialize()
+        start = condenser.param.stored().clone()
+        losses = [float(condenser.run_iteration()) for _ in range(2)]
+        results.append((losses, condenser.param.stored().clone()))
+    (whole_losses, whole), (chunked_losses, chunked) = results
+    assert not torch.equal(whole, start)  # the images moved, so the comparison below means something
+    assert chunked_losses == pytest.approx(whole_losses, rel=1e-5)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)

@@ -236,3 +236,15 @@ def test_same_seed_same_evaluation_other_seed_differs(reference: Path, tmp_path:
     assert a["seed"] == b["seed"] == 0 and c["seed"] == 7
     assert a["accuracies"] == b["accuracies"]
     assert a["accuracies"] != c["accuracies"]
+
+
+def test_the_deterministic_flag_is_recorded_and_changes_nothing_on_the_cpu(reference: Path, tmp_path: Path):
+    from distillkit.devices import set_deterministic
+
+    try:
+        _distill(tmp_path / "det", "--deterministic")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        set_deterministic(False)
+    assert torch.equal(_images(tmp_path / "det"), _images(reference))  # CPU kernels are deterministic anyway
+    assert json.loads((tmp_path / "det" / "config.json").read_text())["deterministic"] is True
