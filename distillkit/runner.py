@@ -157,9 +157,11 @@ def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: P
     run = RunDir(run_dir)
     device = device_for_rank(device)
     world = join_world(device)
+    if world.is_main and not resume:
+        run.check_new(overwrite)  # before locking too: a refused folder (not a run) gets no lock file in it
     with run.writer("distill") if world.is_main else contextlib.nullcontext():  # rank 0 writes, so rank 0 locks
         if world.is_main and not resume:
-            run.check_new(overwrite)
+            run.check_new(overwrite)  # again under the lock: another writer may have filled it meanwhile
         return _distill_locked(cfg, run, world, device, data_root, resume, overwrite, on_progress)
 
 
