@@ -78,20 +78,26 @@ def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | 
             done = condenser.iteration
             at_checkpoint = checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations)
             at_log = done % cfg.log_every == 0 or at_checkpoint or done == cfg.iterations
-            if condenser.world.active:  # ranks agree on stopping at log intervals, so collectives stay in step
-                stop["requested"] = at_log and any_across(stop["requested"], condenser.device)
-            if at_log or stop["requested"]:
+            last = None
+            if at_log:
                 last = _flush(pending, log, condenser.real.spec.num_classes, condenser.world)
                 pending.clear()
-                on_progress(done, last)
+            on_progress(done, last)  # before the stop is decided: a signal taken while reporting stops this iteration
+            # decided once, here; under torchrun the ranks agree at log intervals (collectives stay in step) and a
+            # request waits for the next one instead of being dropped
+            if condenser.world.active:
+                stopping = at_log and any_across(stop["requested"], condenser.device)
             else:
-                on_progress(done, None)
-            if checkpoint is not None and (at_checkpoint or stop["requested"]):
+                stopping = stop["requested"]
+            if stopping and pending:  # alone, off a log interval: the log must hold these lines before the checkpoint
+                _flush(pending, log, condenser.real.spec.num_classes, condenser.world)
+                pending.clear()
+            if checkpoint is not None and (at_checkpoint or stopping):
                 if log:
                     os.fsync(log.fileno())
                 save_checkpoint(condenser, checkpoint, log.tell() if log else 0)
                 global_rng = _check_global_rng(global_rng, condenser.device)
-            if stop["requested"]:
+            if stopping:
                 raise Interrupted(done, stop["signum"])
     finally:
         if log:
