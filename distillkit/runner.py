@@ -17,7 +17,7 @@ import signal
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -94,14 +94,16 @@ def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | 
                 pending.clear()
             if checkpoint is not None and (at_checkpoint or stopping):
                 if log:
-                    os.fsync(log.fileno())
+                    with _naming(log):
+                        os.fsync(log.fileno())
                 save_checkpoint(condenser, checkpoint, log.tell() if log else 0)
                 global_rng = _check_global_rng(global_rng, condenser.device)
             if stopping:
                 raise Interrupted(done, stop["signum"])
     finally:
         if log:
-            log.close()
+            with _naming(log):  # closing flushes what a full disk refused before
+                log.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -128,17 +130,28 @@ def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int, world: Worl
         return None
     losses = torch.stack([loss for _, loss in pending])
     values = (sum_across(losses) if world.active else losses).tolist()  # one host sync per interval
-    for (it, _), value in zip(pending, values):
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
-                                     f"checkpoint was kept. The learning rate is part of the recipe, so start a "
-                                     f"new run with a lower --lr-img (--overwrite replaces this one) or check "
-                                     f"the data")
+    with _naming(log) if log else contextlib.nullcontext():
+        for (it, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
+                                         f"checkpoint was kept. The learning rate is part of the recipe, so start a "
+                                         f"new run with a lower --lr-img (--overwrite replaces this one) or check "
+                                         f"the data")
+            if log:
+                log.write(json.dumps({"iteration": it, "loss": value / num_classes}) + "\n")
         if log:
-            log.write(json.dumps({"iteration": it, "loss": value / num_classes}) + "\n")
-    if log:
-        log.flush()
+            log.flush()
     return values[-1] / num_classes
+
+
+@contextlib.contextmanager
+def _naming(log) -> Iterator[None]:
+    """Give a failed write to the open loss log the log's name (the OSError of a write names no file), so a
+    full disk is reported as one line saying which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, log.name) from exc
 
 
 def _main_thread() -> bool:
