@@ -153,7 +153,8 @@ class _Report:
     """eval.json and eval.csv of one run, rewritten (atomically) whenever rows are added.
 
     A row replaces an earlier one of the same model, set, protocol and settings. A failed write is
-    remembered, not raised, so the caller still gets every number it computed.
+    remembered, not raised, so the caller still gets every number it computed; a later write that
+    succeeds forgets it.
     """
 
     def __init__(self, run: RunDir, header: dict[str, Any], write: bool) -> None:
@@ -176,3 +177,5 @@ class _Report:
             atomic_write_bytes(self.run.eval_csv, (header + "".join(lines)).encode())
         except OSError as exc:
             self.error = exc
+        else:
+            self.error = None  # the files now hold every row: an earlier failed write lost nothing

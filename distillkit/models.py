@@ -76,14 +76,15 @@ def _timm_native(name: str, spec: ImageSpec) -> nn.Module:
 def _builder(name: str) -> Callable[[ImageSpec], nn.Module]:
     """How to build ``name`` for a spec, or a :class:`UsageError` naming the valid choices."""
     models = registry.plugins()["models"]
-    ours = name if name in models else distillkit_name(name)
-    if ours is not None and ours in models:
-        factory = models.get(ours).factory
-        return lambda spec: factory(num_classes=spec.num_classes, in_chans=spec.channels,
-                                    img_size=(spec.height, spec.width))
-    if timm.is_model(name):
-        return lambda spec: _timm_native(name, spec)
-    near = difflib.get_close_matches(name, models.names() + timm.list_models(), n=3)
+    if isinstance(name, str):  # --set sampler.model=3 parses as a number: no model name, and timm would crash on it
+        ours = name if name in models else distillkit_name(name)
+        if ours is not None and ours in models:
+            factory = models.get(ours).factory
+            return lambda spec: factory(num_classes=spec.num_classes, in_chans=spec.channels,
+                                        img_size=(spec.height, spec.width))
+        if timm.is_model(name):
+            return lambda spec: _timm_native(name, spec)
+    near = difflib.get_close_matches(str(name), models.names() + timm.list_models(), n=3)
     hint = f"; did you mean {', '.join(near)}?" if near else ""
     raise UsageError(f"unknown model {name!r}; choose one of: {', '.join(models.names())}, "
                      f"or any timm model name (see timm.list_models()){hint}")

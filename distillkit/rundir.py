@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -112,10 +113,10 @@ class RunDir:
         """Hold this directory's exclusive writer lock for the block (creating the directory if needed).
 
         A second writer gets a :class:`UsageError` naming the holder. If the block fails and the
-        directory was created here and holds only the lock, it is removed again: a refused command
-        leaves nothing behind.
+        directory was created here and holds only the lock, it is removed again, with the parent
+        folders created for it: a refused command leaves nothing behind.
         """
-        created = not self.path.exists()
+        created = list(itertools.takewhile(lambda folder: not folder.exists(), (self.path, *self.path.parents)))
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
@@ -137,7 +138,9 @@ class RunDir:
             except BaseException:
                 if created and [p.name for p in self.path.iterdir()] == [LOCK]:
                     (self.path / LOCK).unlink()
-                    self.path.rmdir()
+                    with contextlib.suppress(OSError):  # a parent another process has written into since stays
+                        for folder in created:  # the run directory first, then its new parents upwards
+                            folder.rmdir()
                 raise
         finally:
             os.close(fd)  # releases the lock; the file stays, so the next writer locks the same inode

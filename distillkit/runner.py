@@ -17,7 +17,7 @@ import signal
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -78,24 +78,32 @@ def run_loop(condenser: Condenser, *, checkpoint: Path | None, loss_log: Path | 
             done = condenser.iteration
             at_checkpoint = checkpoint is not None and (done % cfg.checkpoint_every == 0 or done == cfg.iterations)
             at_log = done % cfg.log_every == 0 or at_checkpoint or done == cfg.iterations
-            if condenser.world.active:  # ranks agree on stopping at log intervals, so collectives stay in step
-                stop["requested"] = at_log and any_across(stop["requested"], condenser.device)
-            if at_log or stop["requested"]:
+            last = None
+            if at_log:
                 last = _flush(pending, log, condenser.real.spec.num_classes, condenser.world)
                 pending.clear()
-                on_progress(done, last)
+            on_progress(done, last)  # before the stop is decided: a signal taken while reporting stops this iteration
+            # decided once, here; under torchrun the ranks agree at log intervals (collectives stay in step) and a
+            # request waits for the next one instead of being dropped
+            if condenser.world.active:
+                stopping = at_log and any_across(stop["requested"], condenser.device)
             else:
-                on_progress(done, None)
-            if checkpoint is not None and (at_checkpoint or stop["requested"]):
+                stopping = stop["requested"]
+            if stopping and pending:  # alone, off a log interval: the log must hold these lines before the checkpoint
+                _flush(pending, log, condenser.real.spec.num_classes, condenser.world)
+                pending.clear()
+            if checkpoint is not None and (at_checkpoint or stopping):
                 if log:
-                    os.fsync(log.fileno())
+                    with _naming(log):
+                        os.fsync(log.fileno())
                 save_checkpoint(condenser, checkpoint, log.tell() if log else 0)
                 global_rng = _check_global_rng(global_rng, condenser.device)
-            if stop["requested"]:
+            if stopping:
                 raise Interrupted(done, stop["signum"])
     finally:
         if log:
-            log.close()
+            with _naming(log):  # closing flushes what a full disk refused before
+                log.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -122,17 +130,28 @@ def _flush(pending: list[tuple[int, Tensor]], log, num_classes: int, world: Worl
         return None
     losses = torch.stack([loss for _, loss in pending])
     values = (sum_across(losses) if world.active else losses).tolist()  # one host sync per interval
-    for (it, _), value in zip(pending, values):
-        if not math.isfinite(value):
-            raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
-                                     f"checkpoint was kept. The learning rate is part of the recipe, so start a "
-                                     f"new run with a lower --lr-img (--overwrite replaces this one) or check "
-                                     f"the data")
+    with _naming(log) if log else contextlib.nullcontext():
+        for (it, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"loss became {value} at iteration {it}; the run stopped and the last good "
+                                         f"checkpoint was kept. The learning rate is part of the recipe, so start a "
+                                         f"new run with a lower --lr-img (--overwrite replaces this one) or check "
+                                         f"the data")
+            if log:
+                log.write(json.dumps({"iteration": it, "loss": value / num_classes}) + "\n")
         if log:
-            log.write(json.dumps({"iteration": it, "loss": value / num_classes}) + "\n")
-    if log:
-        log.flush()
+            log.flush()
     return values[-1] / num_classes
+
+
+@contextlib.contextmanager
+def _naming(log) -> Iterator[None]:
+    """Give a failed write to the open loss log the log's name (the OSError of a write names no file), so a
+    full disk is reported as one line saying which file could not be written."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, log.name) from exc
 
 
 def _main_thread() -> bool:
@@ -158,9 +177,11 @@ def distill(cfg: RunConfig, run_dir: Path, *, device: torch.device, data_root: P
     run = RunDir(run_dir)
     device = device_for_rank(device)
     world = join_world(device)
+    if world.is_main and not resume:
+        run.check_new(overwrite)  # before locking too: a refused folder (not a run) gets no lock file in it
     with run.writer("distill") if world.is_main else contextlib.nullcontext():  # rank 0 writes, so rank 0 locks
         if world.is_main and not resume:
-            run.check_new(overwrite)
+            run.check_new(overwrite)  # again under the lock: another writer may have filled it meanwhile
         return _distill_locked(cfg, run, world, device, data_root, resume, overwrite, on_progress)
 
 

@@ -41,6 +41,25 @@ def run_cli(*args: str, expect: int | None = 0):
     return result
 
 
+def refused(*args: object, says: str | tuple[str, ...]) -> str:
+    """Run the CLI, expect exit 2 and a single ``Error:`` line on stderr containing every ``says``."""
+    result = run_cli(*args, expect=2)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
+    assert "Traceback" not in result.output
+    for text in (says,) if isinstance(says, str) else says:
+        assert text in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file's bytes and mtime, but the writer lock's (it names the last process that held it)."""
+    from distillkit.rundir import LOCK
+
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK}
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny batches: a second intra-op thread only adds synchronisation (and stalls on a busy machine)."""

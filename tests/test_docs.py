@@ -36,6 +36,12 @@ def test_readme_cli_reference_is_the_help_output():
     assert documented == render(), "README's CLI reference is stale: run python -m tests.test_docs"
 
 
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """`.ci/run` proves the README: its last line is the README's test command, as a user copies it."""
+    block = README.read_text().split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert (ROOT / ".ci" / "run").read_text().rstrip().splitlines()[-1] == block.strip()
+
+
 def test_readme_results_are_rendered_from_the_result_files():
     from benchmarks import report
 

@@ -15,17 +15,10 @@ import torch
 
 from distillkit import registry
 from distillkit.errors import UsageError
-from distillkit.rundir import LOCK
-from tests.conftest import DATA, ROOT, run_cli
+from tests.conftest import DATA, ROOT, refused, run_cli, snapshot
 
 TINY = ("--dataset", "mnist", "--ipc", "1", "--batch-real", "8", "--iterations", "2", "--device", "cpu",
         "--set", "sampler.model=convnet3_w32")
-
-
-def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """Every file's bytes and mtime, but the writer lock's (it names the last process that held it)."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != LOCK}
 
 
 @pytest.fixture(scope="module")
@@ -41,20 +34,9 @@ def existing(finished: Path, tmp_path: Path):
     """A copy of a finished run; the test's refused commands must leave it byte-for-byte unchanged."""
     run_dir = tmp_path / "existing"
     shutil.copytree(finished, run_dir)
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     yield run_dir
-    assert _snapshot(run_dir) == before
-
-
-def refused(*args: object, says: str | tuple[str, ...]) -> str:
-    """Run the CLI, expect exit 2 and a single ``Error:`` line on stderr containing every ``says``."""
-    result = run_cli(*args, expect=2)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr
-    assert "Traceback" not in result.output
-    for text in (says,) if isinstance(says, str) else says:
-        assert text in errors[0], errors[0]
-    return errors[0]
+    assert snapshot(run_dir) == before
 
 
 def test_the_real_command_prints_one_line_and_exits_2(tmp_path: Path):
@@ -117,10 +99,10 @@ def test_a_model_that_cannot_take_the_images_is_refused_before_anything_is_writt
 
     small = tmp_path / "small"
     run_cli("distill", *_fake8("--out", small))
-    before = _snapshot(small)
+    before = snapshot(small)
     refused("evaluate", small, "--models", "convnet4", "--epochs", "1", "--runs", "1", "--device", "cpu",
             says=("model 'convnet4' cannot take 3x8x8 images", "Output size is too small"))
-    assert _snapshot(small) == before  # no eval.json
+    assert snapshot(small) == before  # no eval.json
 
 
 # -- data files --------------------------------------------------------------------------------
@@ -176,10 +158,10 @@ def test_a_corrupt_dataset_file_is_named_as_corrupt(existing: Path, tmp_path: Pa
     images = raw / "train-images-idx3-ubyte"
     images.unlink()
     images.write_bytes((DATA / "MNIST" / "raw" / images.name).read_bytes()[:100_000])  # truncated
-    before = _snapshot(raw)
+    before = snapshot(raw)
     refused("distill", *TINY, "--data-root", tmp_path / "data", "--out", existing, "--overwrite",
             says=(f"MNIST files under {raw} are corrupt or truncated", "delete them"))
-    assert _snapshot(raw) == before
+    assert snapshot(raw) == before
 
 
 # -- the run directory -------------------------------------------------------------------------
@@ -238,10 +220,10 @@ def test_a_damaged_or_foreign_artifact_is_refused(finished: Path, tmp_path: Path
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     says = _damage(kind, run_dir / "synthetic.pt", finished)
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     refused("show", run_dir, says=(str(run_dir / "synthetic.pt"), says))
     refused("evaluate", run_dir, "--epochs", "1", "--runs", "1", says=says)
-    assert _snapshot(run_dir) == before  # no grid.png, no eval.json
+    assert snapshot(run_dir) == before  # no grid.png, no eval.json
 
 
 @pytest.mark.parametrize("kind", ["truncated", "flipped"])
@@ -259,18 +241,18 @@ def test_a_damaged_checkpoint_is_refused_on_resume(finished: Path, tmp_path: Pat
         at = data.index(state["parameterization"]["images"].numpy().tobytes()[:64]) + 100
         path.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
         says = "does not match the digest"
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     refused("distill", "--resume", run_dir, says=(str(path), says))
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 def test_a_shortened_loss_log_is_refused_on_resume(finished: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     (run_dir / "losses.jsonl").write_text("")
-    before = _snapshot(run_dir)
+    before = snapshot(run_dir)
     refused("distill", "--resume", run_dir, says="the loss log was truncated or replaced")
-    assert _snapshot(run_dir) == before
+    assert snapshot(run_dir) == before
 
 
 # -- non-finite loss ---------------------------------------------------------------------------
