@@ -7,6 +7,7 @@ plugins`` lists what the host itself provides.
 from distillkit import hookimpl
 from distillkit.datasets import builtin_datasets
 from distillkit.engine import TrainingProtocol
+from distillkit.imagenet import imagenet_datasets
 from distillkit.zoo import ARCHITECTURES
 
 PROTOCOLS = (
@@ -18,9 +19,10 @@ PROTOCOLS = (
     TrainingProtocol(
         "idc", batch_size=64, milestones=(2 / 3, 5 / 6), gamma=0.2, restart_optimizer=False, augment="idc",
         augment_strategy="color_crop_flip_scale_rotate", cutmix_prob=0.5, cutmix_beta=1.0, schedule="floor",
-        no_flip=("mnist", "svhn"),
+        no_flip=("mnist", "svhn"), imagenet=tuple(imagenet_datasets()),
         description="IDC/M3D protocol: batch 64, 1000 epochs, lr x0.2 at 2E//3 and 5E//6, IDC-mode augmentation "
-                    "(no flip on MNIST/SVHN), CutMix p=0.5",
+                    "(no flip on MNIST/SVHN), CutMix p=0.5; on ImageNet subsets IDC's epochs by images per class "
+                    "and CutMix p=1.0",
     ),
     TrainingProtocol(
         "smoke", epochs=50, test_limit=2000,

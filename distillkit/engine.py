@@ -10,10 +10,9 @@ change the speed, not the result. The engine never looks a model up by name: it 
 handed a :class:`~distillkit.interfaces.ModelBuilder`.
 
 **Stacked runs.** The ``runs`` networks of one architecture can train
-together: their parameters and buffers are stacked with
-``torch.func.stack_module_state`` and one ``vmap``-ed ``functional_call``
-trains them with one SGD step for all (SGD is elementwise, so this is exactly
-``runs`` independent trainings). Each run draws its own init, shuffling,
+together as one vmapped model (:mod:`distillkit.stacking`) with one SGD step
+for all (SGD is elementwise, so this is exactly ``runs`` independent
+trainings). Each run draws its own init, shuffling,
 augmentation and CutMix from ``(seed, kind, model, run, block of epochs)``
 streams, so the stacked path and the run-by-run path see the same numbers and
 agree to float rounding. Batch norm stacks too: its running statistics are
@@ -39,7 +38,6 @@ batches of ``test_batch``.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from fractions import Fraction
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -48,89 +46,48 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state
+from torch import Tensor
 
 from distillkit import devices
 from distillkit.augment import Augment, AugmentParams
 from distillkit.errors import UsageError
 from distillkit.interfaces import ImageSpec, ModelBuilder, TrainingSet
 from distillkit.seeding import derive_seed, generator, seeded
+from distillkit.stacking import SingleRun, StackedRuns
 
 #: TrainingProtocol fields that choose how results are computed, not what they are
 SPEED_SETTINGS = ("stacked", "compile", "test_batch")
 #: how a protocol counts epochs and milestones (see TrainingProtocol.epoch_plan)
 SCHEDULES = ("dc", "floor")
+#: how a protocol picks its epochs: "fixed" trains ``epochs``; "idc-imagenet" follows the training set's size
+#: (:func:`idc_imagenet_epochs`)
+EPOCH_RULES = ("fixed", "idc-imagenet")
+#: IDC's ImageNet epochs by images per class: the first bound at or above the count picks (else 300)
+IDC_IMAGENET_EPOCHS = ((1, 3000), (10, 2000), (50, 1500), (200, 1000), (500, 500))
+#: what IDC's ``argument.py`` sets apart for ImageNet evaluations (TrainingProtocol.for_dataset): the epoch
+#: rule, and CutMix on every batch (``mix_p`` keeps its default 1.0 there; IDC lowers it to 0.5 on CIFAR,
+#: SVHN, MNIST and FashionMNIST)
+IDC_IMAGENET_SETTINGS: dict[str, Any] = {"epoch_rule": "idc-imagenet", "cutmix_prob": 1.0}
 
 
-class _Stacked:
-    """``R`` networks of one architecture as one vmapped functional model: ``(R, B, ...) -> (R, B, classes)``."""
+def idc_imagenet_epochs(images_per_class: int, num_classes: int) -> int:
+    """The epochs IDC trains an evaluator on an ImageNet subset, from the training set's size.
 
-    def __init__(self, models: list[nn.Module], compile: bool) -> None:
-        params, buffers = stack_module_state(models)
-        self.runs = len(models)
-        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        self.buffers = buffers  # batch-norm statistics: one slice per run, updated in place under vmap
-        self.base = copy.deepcopy(models[0]).to("meta")  # structure only; every tensor comes from the stacks
-        step = torch.vmap(self._call, randomness="different")
-        self._step = torch.compile(step) if compile else step
-
-    def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.base, (params, buffers), (x,))
-
-    def check(self, shape: tuple[int, ...]) -> str | None:
-        """Why these runs cannot train stacked (None if they can), from no-grad forwards of ``shape`` inputs.
-
-        vmap must run the forward, and the training forward must draw no random numbers: under vmap,
-        dropout-like layers draw every run's masks from one global stream, so a run's result would
-        depend on which runs share its stack.
-        """
-        xs = torch.randn(self.runs, *shape, generator=torch.Generator().manual_seed(0))
-        xs = xs.to(next(iter(self.params.values())).device)
-        outputs = []
-        for draw in range(2):
-            scratch = {k: v.clone() for k, v in self.buffers.items()}  # leave the real statistics untouched
-            try:
-                with torch.no_grad(), seeded(draw, "stack-check", device=xs.device):
-                    outputs.append(torch.vmap(self._call, randomness="different")(self.params, scratch, xs))
-            except Exception as exc:  # vmap raises several types for unsupported forwards
-                return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if not torch.equal(*outputs):
-            return "its training forward draws random numbers (dropout?), which stacked runs would share"
-        return None
-
-    def parameters(self) -> list[Tensor]:
-        return list(self.params.values())
-
-    def train(self, mode: bool) -> None:
-        self.base.train(mode)
-
-    def forward(self, xs: Tensor) -> Tensor:
-        return self._step(self.params, self.buffers, xs)
-
-    def forward_run(self, r: int, x: Tensor) -> Tensor:
-        """Run ``r`` alone on ``x`` (test time: large batches, no vmap needed)."""
-        return self._call({k: v[r] for k, v in self.params.items()}, {k: v[r] for k, v in self.buffers.items()}, x)
-
-
-class _Single:
-    """One plain network behind the same interface (``R = 1``): the run-by-run path."""
-
-    def __init__(self, model: nn.Module, compile: bool) -> None:
-        self.model = model
-        self._step = torch.compile(model) if compile else model
-
-    def parameters(self) -> list[Tensor]:
-        return list(self.model.parameters())
-
-    def train(self, mode: bool) -> None:
-        self.model.train(mode)
-
-    def forward(self, xs: Tensor) -> Tensor:
-        return self._step(xs[0]).unsqueeze(0)
-
-    def forward_run(self, r: int, x: Tensor) -> Tensor:
-        return self.model(x)
+    IDC's ``argument.py: ipc_epoch`` (snu-mllab/Efficient-Dataset-Condensation, read 2026-12),
+    applied in its evaluation-setting block whenever ``dataset == 'imagenet'``: the count is
+    ``ipc * factor ** 2``, the decoded images per class the evaluator trains on (with its
+    ``decode_type='bound'`` it is first capped at ``batch_syn_max``; distillkit has no such decoding).
+    1 -> 3000, up to 10 -> 2000, 50 -> 1500, 200 -> 1000, 500 -> 500, more -> 300; with exactly 100
+    classes two thirds of that, floored to whole hundreds (3000 -> 2000, 2000 -> 1300, 1000 -> 600).
+    On every other dataset IDC trains 1000 epochs.
+    """
+    if images_per_class < 1:
+        raise UsageError(f"the epoch rule idc-imagenet needs at least one training image per class, got "
+                         f"{images_per_class}")
+    epochs = next((e for bound, e in IDC_IMAGENET_EPOCHS if images_per_class <= bound), 300)
+    if num_classes == 100:
+        epochs = int(2 / 3 * epochs) // 100 * 100
+    return epochs
 
 
 #: random numbers are drawn for this many sample-epochs at once (fewer, larger host draws; a pure
@@ -171,7 +128,16 @@ class TrainingProtocol:
     epoch ``E // 2 + 1``), ``"floor"`` as IDC's ``MultiStepLR([2 * E // 3,
     5 * E // 6])`` (``E`` epochs, floored milestones). ``no_flip`` names datasets
     on which the protocol drops the ``flip`` op (IDC's ``remove_aug`` for MNIST
-    and SVHN; :meth:`for_dataset`). ``op_per="batch"`` draws the augmentation op
+    and SVHN; :meth:`for_dataset`). ``epoch_rule`` says how many epochs :meth:`evaluate` trains
+    (:data:`EPOCH_RULES`): ``"fixed"`` trains ``epochs``, ``"idc-imagenet"`` takes
+    :func:`idc_imagenet_epochs` of the training set's images per class (``len(train) //
+    classes``) and classes; the settings then record ``epochs`` as None, and each result's
+    ``train_images`` with its dataset's classes gives the epochs trained
+    (:meth:`epochs_for`). ``imagenet`` names datasets on which :meth:`for_dataset` takes IDC's
+    ImageNet evaluation settings (:data:`IDC_IMAGENET_SETTINGS`). ``overridden`` lists the settings
+    given explicitly (:meth:`with_overrides`), which :meth:`for_dataset` leaves as given: an
+    explicit ``--epochs`` keeps the epochs fixed on an ImageNet subset too, whichever of the two
+    calls comes first. ``op_per="batch"`` draws the augmentation op
     (``dsa``) or the geometric op (``idc``) once per training batch, its
     parameters per sample, as both references do (DC's ``DiffAugment`` with
     ``aug_mode='S'``, IDC's ``DiffAug(batch=False)``); ``"sample"`` draws the op
@@ -198,6 +164,9 @@ class TrainingProtocol:
     schedule: str = "dc"
     op_per: str = "batch"
     no_flip: tuple[str, ...] = ()
+    epoch_rule: str = "fixed"
+    imagenet: tuple[str, ...] = ()
+    overridden: tuple[str, ...] = ()
     test_limit: int | None = None
     stacked: bool | None = None
     compile: bool = False
@@ -206,8 +175,11 @@ class TrainingProtocol:
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the result (stored with each result; the speed settings are not among them)."""
-        out = {k: v for k, v in asdict(self).items() if k not in SPEED_SETTINGS and k != "description"}
-        out["milestones"], out["no_flip"] = list(self.milestones), list(self.no_flip)
+        out = {k: v for k, v in asdict(self).items() if k not in (*SPEED_SETTINGS, "description", "overridden")}
+        for key in ("milestones", "no_flip", "imagenet"):
+            out[key] = list(getattr(self, key))
+        if self.epoch_rule != "fixed":  # the rule picks them per training set: no one number would be true
+            out["epochs"] = None
         return out
 
     def __post_init__(self) -> None:
@@ -216,6 +188,9 @@ class TrainingProtocol:
         if self.schedule not in SCHEDULES:
             raise UsageError(f"unknown schedule {self.schedule!r} for protocol {self.name!r}; choose one of: "
                              f"{', '.join(SCHEDULES)}")
+        if self.epoch_rule not in EPOCH_RULES:
+            raise UsageError(f"unknown epoch_rule {self.epoch_rule!r} for protocol {self.name!r}; choose one of: "
+                             f"{', '.join(EPOCH_RULES)}")
         Augment(self.augment, self.augment_strategy)  # an unknown mode or op fails here, not after the first epoch
 
     def epoch_plan(self) -> tuple[int, list[int]]:
@@ -231,10 +206,22 @@ class TrainingProtocol:
         return self.epochs, sorted(set(points))
 
     def for_dataset(self, dataset: str) -> "TrainingProtocol":
-        """This protocol as its reference sets it for ``dataset`` (IDC drops flips on MNIST and SVHN)."""
-        if dataset not in self.no_flip:
-            return self
-        return replace(self, augment_strategy="_".join(t for t in self.augment_strategy.split("_") if t != "flip"))
+        """This protocol as its reference sets it for ``dataset``: IDC drops flips on MNIST and SVHN, and on
+        ImageNet subsets (``imagenet``) takes :data:`IDC_IMAGENET_SETTINGS`, except settings given explicitly."""
+        changes: dict[str, Any] = {}
+        if dataset in self.no_flip:
+            changes["augment_strategy"] = "_".join(t for t in self.augment_strategy.split("_") if t != "flip")
+        if dataset in self.imagenet:
+            # an explicit --epochs overrode epoch_rule too (with_overrides), so it stays fixed here
+            changes.update({k: v for k, v in IDC_IMAGENET_SETTINGS.items() if k not in self.overridden})
+        return replace(self, **changes) if changes else self
+
+    def epochs_for(self, train_images: int, num_classes: int) -> int:
+        """The epochs (as counted by ``epochs``, before :meth:`epoch_plan`) trained on ``train_images`` images of
+        ``num_classes`` classes."""
+        if self.epoch_rule == "idc-imagenet":
+            return idc_imagenet_epochs(train_images // num_classes, num_classes)
+        return self.epochs
 
     def stacks_on(self, device: torch.device | str) -> bool:
         """Whether runs train stacked on ``device``: ``stacked``, or the device policy's default."""
@@ -246,14 +233,16 @@ class TrainingProtocol:
 
     def with_overrides(self, **overrides: Any) -> "TrainingProtocol":
         given = {k: v for k, v in overrides.items() if v is not None}
-        valid = [f.name for f in fields(self) if f.name not in ("name", "description")]
+        valid = [f.name for f in fields(self) if f.name not in ("name", "description", "overridden")]
         unknown = sorted(set(given) - set(valid))
         if unknown:
             raise UsageError(f"protocol {self.name!r} has no setting {unknown[0]!r}; settings: {', '.join(valid)}")
         for key in ("epochs", "batch_size", "test_batch", "test_limit"):
             if key in given and given[key] < 1:
                 raise UsageError(f"--{key.replace('_', '-')} must be positive, got {given[key]}")
-        return replace(self, **given)
+        if "epochs" in given and "epoch_rule" not in given:
+            given["epoch_rule"] = "fixed"  # a number of epochs asked for is trained, whatever the rule was
+        return replace(self, **given, overridden=tuple(sorted(set(self.overridden) | set(given))))
 
     # -- training and testing --------------------------------------------
     def evaluate(self, model: ModelBuilder, train: TrainingSet, test: TrainingSet, spec: ImageSpec,
@@ -263,27 +252,31 @@ class TrainingProtocol:
             raise UsageError("no evaluation runs given (--runs must be positive)")
         device = torch.device(device)
         devices.prepare(device)
+        if self.epoch_rule != "fixed":
+            epochs = self.epochs_for(len(train.labels), spec.num_classes)
+            return replace(self, epochs=epochs, epoch_rule="fixed").evaluate(model, train, test, spec, run_ids,
+                                                                              seed, device)
         models = []
         for r in run_ids:
             with seeded(seed, "eval-init", model.name, r):
                 models.append(model().to(device))
         if self.stacks_on(device) and len(models) > 1:
-            stacked = _Stacked(models, self.compile)
+            stacked = StackedRuns(models, self.compile)
             why = stacked.check((2, spec.channels, spec.height, spec.width))
             if why is None:
                 return self._train_and_test(stacked, run_ids, train, test, seed, model.name)
             warnings.warn(f"{model.name}: runs train one by one: {why}", stacklevel=2)
         return [acc for r, m in zip(run_ids, models)
-                for acc in self._train_and_test(_Single(m, self.compile), [r], train, test, seed, model.name)]
+                for acc in self._train_and_test(SingleRun(m, self.compile), [r], train, test, seed, model.name)]
 
-    def _train_and_test(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, test: TrainingSet,
+    def _train_and_test(self, net: StackedRuns | SingleRun, run_ids: list[int], train: TrainingSet, test: TrainingSet,
                         seed: int, model: str) -> list[float]:
         # Dropout-like layers draw from torch's global generator: seed it from the runs, never from leftover state.
         with seeded(seed, "eval-train", model, *run_ids, device=train.images.device):
             self._train(net, run_ids, train, seed, model)
         return self._test(net, len(run_ids), test)
 
-    def _train(self, net: _Stacked | _Single, run_ids: list[int], train: TrainingSet, seed: int, model: str) -> None:
+    def _train(self, net: StackedRuns | SingleRun, run_ids: list[int], train: TrainingSet, seed: int, model: str) -> None:
         aug = Augment(self.augment, self.augment_strategy)
         device = train.images.device
         n = train.images.shape[0]
@@ -382,7 +375,7 @@ class TrainingProtocol:
         return mixed, torch.gather(ys, 1, partner), draws.kept[:, k, b].view(r, 1)
 
     @torch.no_grad()
-    def _test(self, net: _Stacked | _Single, runs: int, test: TrainingSet) -> list[float]:
+    def _test(self, net: StackedRuns | SingleRun, runs: int, test: TrainingSet) -> list[float]:
         net.train(False)
         images, labels = test.images, test.labels
         if self.test_limit is not None:

@@ -14,7 +14,7 @@ import torch
 
 from distillkit import registry
 from distillkit.errors import UsageError
-from distillkit.engine import _Single, _Stacked
+from distillkit.stacking import SingleRun, StackedRuns
 from distillkit.evaluate import random_subset, resolve_protocol
 from distillkit.interfaces import TrainingSet
 from distillkit.seeding import seeded
@@ -58,10 +58,10 @@ def test_stacked_and_sequential_runs_agree(mnist, protocol, model):
     spec, train, test = mnist
     proto = resolve_protocol(protocol, epochs=3, batch_size=8)
     models = _nets(model, spec, 3)
-    stacked = _Stacked(copy.deepcopy(models), compile=False)
+    stacked = StackedRuns(copy.deepcopy(models), compile=False)
     proto._train(stacked, [0, 1, 2], train, 1, model)
     for r, m in enumerate(models):
-        proto._train(_Single(m, compile=False), [r], train, 1, model)
+        proto._train(SingleRun(m, compile=False), [r], train, 1, model)
         for name, p in m.named_parameters():
             torch.testing.assert_close(stacked.params[name][r], p.detach(), atol=2e-4, rtol=1e-3)
         for name, b in m.named_buffers():
@@ -86,8 +86,8 @@ def test_training_loop_never_reads_the_device_back(protocol):
     train = TrainingSet(torch.randn(20, 1, 28, 28, device="meta"), torch.zeros(20, dtype=torch.long, device="meta"))
     proto = resolve_protocol(protocol, epochs=2, batch_size=8)
     models = [create_model("convnet3_w32", spec).to("meta") for _ in range(2)]
-    proto._train(_Stacked(models, compile=False), [0, 1], train, 0, "convnet3_w32")
-    proto._train(_Single(models[0], compile=False), [0], train, 0, "convnet3_w32")
+    proto._train(StackedRuns(models, compile=False), [0, 1], train, 0, "convnet3_w32")
+    proto._train(SingleRun(models[0], compile=False), [0], train, 0, "convnet3_w32")
     with pytest.raises(Exception):  # the probe works: a read-back on meta fails
         torch.zeros(1, device="meta").item()
 
@@ -312,6 +312,45 @@ def test_idc_drops_flips_on_digit_datasets_and_records_the_strategy_it_used(tiny
     (row,) = json.loads((run_dir / "eval.json").read_text())["results"]
     assert row["protocol_settings"]["augment_strategy"] == "color_crop_scale_rotate"
     assert row["protocol_settings"]["schedule"] == "floor"
+
+
+def test_idc_imagenet_epoch_rule_follows_idc_ipc_epoch():
+    from distillkit.engine import idc_imagenet_epochs
+
+    table = {1: 3000, 2: 2000, 10: 2000, 11: 1500, 50: 1500, 90: 1000, 200: 1000, 500: 500, 501: 300, 4000: 300}
+    assert {ipc: idc_imagenet_epochs(ipc, 10) for ipc in table} == table
+    # 100 classes: two thirds, floored to whole hundreds
+    assert [idc_imagenet_epochs(ipc, 100) for ipc in (1, 10, 50, 200, 500, 501)] == [2000, 1300, 1000, 600, 300, 200]
+    assert idc_imagenet_epochs(10, 1000) == 2000  # IDC scales exactly 100 classes, no other count
+    idc = registry.create("protocols", "idc").with_overrides(epoch_rule="idc-imagenet")
+    assert idc.epochs_for(10 * 90, 10) == 1000 and idc.epochs_for(100 * 10 + 99, 100) == 1300  # len(train) // classes
+    assert registry.create("protocols", "idc").epochs_for(10, 10) == 1000  # fixed: the protocol's epochs
+    with pytest.raises(UsageError, match="unknown epoch_rule 'idc'.*fixed, idc-imagenet"):
+        idc.with_overrides(epoch_rule="idc")
+
+
+def test_idc_takes_its_imagenet_settings_on_imagenet_subsets_unless_epochs_are_given(mnist):
+    idc = registry.create("protocols", "idc")
+    for name in ("imagenette", "imagewoof", "imagenet10", "imagenet100"):
+        on = idc.for_dataset(name)
+        assert (on.epoch_rule, on.cutmix_prob) == ("idc-imagenet", 1.0)
+        assert on.settings()["epoch_rule"] == "idc-imagenet" and on.settings()["epochs"] is None
+    assert idc.for_dataset("cifar10") == idc and idc.settings()["epochs"] == 1000
+    assert idc.settings()["epoch_rule"] == "fixed" and idc.settings()["cutmix_prob"] == 0.5
+    assert registry.create("protocols", "dc-classic").for_dataset("imagenette").epoch_rule == "fixed"
+    # an explicit --epochs wins, before for_dataset (the CLI's order) or after it
+    given = resolve_protocol("idc", epochs=5).for_dataset("imagenette")
+    assert (given.epoch_rule, given.epochs, given.cutmix_prob) == ("fixed", 5, 1.0)
+    assert given.settings()["epochs"] == 5 and given.epochs_for(10_000, 10) == 5
+    after = idc.for_dataset("imagenette").with_overrides(epochs=7)
+    assert (after.epoch_rule, after.settings()["epochs"]) == ("fixed", 7)
+    assert resolve_protocol("idc", cutmix_prob=0.25).for_dataset("imagenet10").cutmix_prob == 0.25
+    # evaluate consults the rule on the set it is given: fewer images than classes is no set to train on
+    spec, train, test = mnist
+    rule = idc.with_overrides(epoch_rule="idc-imagenet")
+    few = TrainingSet(train.images[:3], train.labels[:3])
+    with pytest.raises(UsageError, match="at least one training image per class, got 0"):
+        rule.evaluate(builder("convnet3_w32", spec), few, test, spec, [0], 0, "cpu")
 
 
 def _ops(draws, runs: int, epochs: int, n: int) -> torch.Tensor:
