@@ -153,7 +153,26 @@ class BasicBlock(nn.Module):
         return self.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class StagedNet(nn.Module):
+    """A stem, residual stages and a linear classifier on the globally average-pooled map, with timm's
+    ``forward_features``/``forward_head`` split (the ResNets here and :mod:`distillkit.zoo.resnetap`)."""
+
+    stem: nn.Module
+    stages: nn.Module
+    classifier: nn.Linear
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class ResNet(StagedNet):
     """The CIFAR-style ResNet of the literature: 3x3 stride-1 stem, no stem pooling, global average pool."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
@@ -171,16 +190,6 @@ class ResNet(nn.Module):
         self.num_features = cin
         self.num_classes = num_classes
         self.classifier = nn.Linear(cin, num_classes)
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 _TABLE: list[tuple[str, Callable[..., nn.Module], str, dict[str, Any]]] = [

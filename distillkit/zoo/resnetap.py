@@ -23,6 +23,7 @@ import math
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distillkit.zoo.classic import StagedNet
 from distillkit.zoo.convnet import norm_layer
 from distillkit.zoo.registration import variant
 
@@ -56,7 +57,7 @@ class BasicBlockAP(nn.Module):
         return F.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNetAP(nn.Module):
+class ResNetAP(StagedNet):
     """IDC's ResNetAP (ImageNet branch) for ``img_size`` inputs; ``width`` is the first stage's channels."""
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 224,
@@ -82,16 +83,6 @@ class ResNetAP(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        return self.stages(self.stem(x))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 VARIANTS = {
