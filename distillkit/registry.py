@@ -242,7 +242,10 @@ class Plugins:
                 for name, factory in found:  # a name taken by another plugin raises, naming both
                     registry.add(name, factory, plugin_name)
         for entry in self.registries["models"].entries.values():  # timm.create_model finds plugin models too
-            mirror(entry.name, entry.factory)
+            try:
+                mirror(entry.name, entry.factory)
+            except Exception as exc:  # the model still works through distillkit; timm just does not list it
+                self._fail(entry.plugin, *self._dists.get(entry.plugin, ("?", "?")), exc)
 
     # -- queries ---------------------------------------------------------
     def __getitem__(self, kind: str) -> Registry:
