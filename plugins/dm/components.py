@@ -7,6 +7,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from distillkit import devices
 from distillkit.interfaces import ImageSpec, RealImages
 from distillkit.models import random_embedder
 
@@ -45,7 +46,7 @@ class PixelParameterization:
         return [self.images]
 
     def decode(self, classes: Sequence[int]) -> Tensor:
-        index = torch.as_tensor(list(classes), device=self.images.device)
+        index = devices.constant(tuple(classes), torch.long, self.images.device)  # built once per class list
         return self.images.view(self.spec.num_classes, self.ipc, *self.images.shape[1:])[index]
 
     def stored(self) -> Tensor:

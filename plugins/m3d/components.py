@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillkit.errors import UsageError
+from distillkit import devices
 from distillkit.interfaces import ImageSpec, RealImages
 from distillkit.models import random_embedder
 
@@ -195,7 +196,7 @@ class FactorParameterization:
 
     def decode(self, classes: Sequence[int]) -> Tensor:
         f, ipc, (c, h, w), (s_h, s_w) = self.factor, self.ipc, self.images.shape[1:], self.tile
-        index = torch.as_tensor(list(classes), device=self.images.device)
+        index = devices.constant(tuple(classes), torch.long, self.images.device)  # built once per class list
         x = self.images.view(self.spec.num_classes, ipc, c, h, w)[index]
         k = x.shape[0]
         x = F.pad(x.flatten(0, 1), (0, f * s_w - w, 0, f * s_h - h), value=0.5)
