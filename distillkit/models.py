@@ -156,7 +156,7 @@ class RandomEmbedder:
 
     Cost per draw: no network is built on the device and nothing is allocated there; the CPU
     template's tensors are packed into one host buffer and written into the device module with ONE
-    host -> device copy (pinned and asynchronous on CUDA). The template gets its weights by
+    host -> device copy (pinned and asynchronous on CUDA; on the CPU they are copied over directly). The template gets its weights by
     replaying its initialisation in place, every submodule's ``reset_parameters()`` in module order
     under the same ``seeded``: what building does for networks of torch layers with their default
     init (the ConvNet family). The first draw checks that replay against the built network, bit
@@ -181,15 +181,31 @@ class RandomEmbedder:
                 self._template = create_model(self.name, self.spec).requires_grad_(False)
             else:
                 _replay_init(self._template)
-        packed = _pack(_tensors(self._template), self.ALIGN)
         if self._module is None:
             self._module = copy.deepcopy(self._template).to(self.device).train()
-            with seeded(seed, "model", *keys):  # does the replay of these keys give the weights just built?
-                _replay_init(self._template)
-            self._replays = torch.equal(_pack(_tensors(self._template), self.ALIGN), packed)
-        _unpack(devices.to_device(packed, self.device), _tensors(self._module), self.ALIGN)
+            self._replays = self._replay_reproduces(seed, keys)
+        else:
+            self._load_template()
         module = self._module
         return lambda x: embed(module, x)
+
+    def _replay_reproduces(self, seed: int, keys: tuple) -> bool:
+        """Whether replaying the init of ``keys`` gives the network just built for them, bit for bit."""
+        built = [t.clone() for t in _tensors(self._template)]
+        with seeded(seed, "model", *keys):
+            _replay_init(self._template)
+        return all(torch.equal(a, b) for a, b in zip(built, _tensors(self._template), strict=True))
+
+    def _load_template(self) -> None:
+        """The template's tensors into the device module: one packed copy to an accelerator, plain copies
+        on the CPU (nothing to transfer, so packing would only add a pass over the weights)."""
+        targets = _tensors(self._module)
+        if self.device.type == "cpu":
+            with torch.no_grad():
+                for target, source in zip(targets, _tensors(self._template), strict=True):
+                    target.copy_(source)
+        else:
+            _unpack(devices.to_device(_pack(_tensors(self._template), self.ALIGN), self.device), targets, self.ALIGN)
 
 
 def random_embedder(name: str, spec: ImageSpec, seed: int, *keys: object,

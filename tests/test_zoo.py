@@ -112,6 +112,22 @@ def test_a_random_embedder_redrawn_in_place_equals_fresh_networks(name, replays)
     assert not torch.equal(drawn[0], drawn[1])  # the draws really differ
 
 
+def test_the_packed_transfer_of_a_network_restores_every_tensor_exactly():
+    """What an accelerator's draw sends in one copy: float weights and int64 batch-norm counters (odd sizes,
+    each aligned in the buffer) come back bit for bit (on the CPU here: same code, no transfer)."""
+    from distillkit.models import RandomEmbedder, _pack, _tensors, _unpack
+
+    source, target = create_model("convnet3_bn", SPECS[0]), create_model("convnet3_bn", SPECS[0])
+    torch.nn.init.normal_(source.classifier.bias)
+    for module in source.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.num_batches_tracked += 3
+    packed = _pack(_tensors(source), RandomEmbedder.ALIGN)
+    assert packed.dtype == torch.uint8
+    _unpack(packed, _tensors(target), RandomEmbedder.ALIGN)
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(source), _tensors(target), strict=True))
+
+
 def test_unknown_model_names_fail_with_the_choices():
     with pytest.raises(UsageError) as err:
         create_model("resnet19", SPECS[0])
