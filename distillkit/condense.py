@@ -20,7 +20,7 @@ optimizer state (momentum), the iteration and the loss-log position are the
 whole state, because every stream of iteration ``it`` is recomputed from
 ``(seed, keys)`` (see :mod:`distillkit.seeding`): the real batches, the
 augmentation parameters and the synthetic subsets here; the initialisation;
-the sampler's networks, built inside :func:`~distillkit.seeding.seeded`, which
+the sampler's networks, initialised inside :func:`~distillkit.seeding.seeded`, which
 restores torch's global generator afterwards. A checkpoint records the seed and
 this scheme (``STREAMS``) so it describes itself. Nothing may draw from torch's
 global generators, whose state a checkpoint does not hold: the run loop

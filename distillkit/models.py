@@ -156,12 +156,13 @@ class RandomEmbedder:
 
     Cost per draw: no network is built on the device and nothing is allocated there; the CPU
     template's tensors are packed into one host buffer and written into the device module with ONE
-    host -> device copy (pinned and asynchronous on CUDA; on the CPU they are copied over directly). The template gets its weights by
-    replaying its initialisation in place, every submodule's ``reset_parameters()`` in module order
-    under the same ``seeded``: what building does for networks of torch layers with their default
-    init (the ConvNet family). The first draw checks that replay against the built network, bit
-    for bit; for an architecture that initialises otherwise (ResNetAP's and many timm models' own
-    init after building) every draw builds the CPU template afresh instead, still moved in one copy.
+    host -> device copy (pinned and asynchronous on CUDA; on the CPU they are copied over directly).
+    The template gets its weights by replaying its initialisation in place, every submodule's
+    ``reset_parameters()`` in module order under the same ``seeded``: what building does for
+    networks of torch layers with their default init (the ConvNet family). The first draw checks
+    that replay against the built network, bit for bit; for an architecture that initialises
+    otherwise (ResNetAP's and many timm models' own init after building) every draw builds the CPU
+    template afresh instead, still moved in one copy.
 
     The extractor a draw returns computes with the shared module: it is valid until the next draw.
     """
@@ -205,7 +206,8 @@ class RandomEmbedder:
                 for target, source in zip(targets, _tensors(self._template), strict=True):
                     target.copy_(source)
         else:
-            _unpack(devices.to_device(_pack(_tensors(self._template), self.ALIGN), self.device), targets, self.ALIGN)
+            packed = _pack(_tensors(self._template), self.ALIGN)
+            _unpack(devices.to_device(packed, self.device), targets, self.ALIGN)
 
 
 def random_embedder(name: str, spec: ImageSpec, seed: int, *keys: object,
