@@ -18,14 +18,28 @@ dc-classic evaluation" figure of the zoo issue).
 
     python -m benchmarks.eval_speed [--ipc 1 10 50] [--epochs 20] [--runs 5] [--test-limit 2000]
                                     [--threads N] [--devices cpu cuda] [--variants sequential stacked]
+
+``--reference DIR`` instead times the public reference's ``evaluate_synset``
+(VICO-UoE/DatasetCondensation ``utils.py``, imported from a checkout at DIR outside
+this repository; its code is never committed) side by side with one dc-classic
+evaluation, round-robin in one process, at the same synthetic set, epochs, test
+images and threads, and writes ``results/reference_eval-DEVICE.json`` with the ratio::
+
+    git -C /tmp/dc-ref-src archive HEAD utils.py networks.py | tar -x -C /tmp/dc-ref
+    sed -i '46s/out.view(/out.reshape(/' /tmp/dc-ref/networks.py  # ConvNet.forward: current torch refuses the view
+    python -m benchmarks.eval_speed --reference /tmp/dc-ref --ipc 10 50 --epochs 20 --threads 1 --devices cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
 import time
+import types
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -100,6 +114,81 @@ def measure(protocol: TrainingProtocol, train: TrainingSet, test: TrainingSet, s
             "accuracies": [round(a, 2) for a in accuracies], "mean_acc": sum(accuracies) / len(accuracies)}
 
 
+def _reference_utils(checkout: Path) -> types.ModuleType:
+    """The reference's ``utils`` module from ``checkout``. It imports scipy's ``rotate`` for DC's non-DSA
+    augmentation, which ``evaluate_synset`` with DSA never calls; without scipy (not a distillkit
+    dependency) a stand-in that refuses to run takes its place."""
+    if importlib.util.find_spec("scipy") is None:
+        def rotate(*args, **kwargs):
+            raise NotImplementedError("scipy is not installed: DC's non-DSA augmentation cannot run")
+        for name in ("scipy", "scipy.ndimage", "scipy.ndimage.interpolation"):
+            sys.modules.setdefault(name, types.ModuleType(name))
+        sys.modules["scipy.ndimage.interpolation"].rotate = rotate
+    sys.path.insert(0, str(checkout))
+    import utils  # noqa: PLC0415  the reference's module, found through the path just added
+
+    return utils
+
+
+def time_reference(ref, train: TrainingSet, test: TrainingSet, spec, epochs: int, device) -> dict:
+    """One ``evaluate_synset`` of the reference with its DC/DSA/DM defaults (ConvNet, lr 0.01, batch 256,
+    DSA strategy color_crop_cutout_flip_scale_rotate, test batch 256 as its main.py), wall and CPU seconds."""
+    settings = types.SimpleNamespace(device=str(device), lr_net=0.01, epoch_eval_train=epochs, batch_train=256,
+                                     dsa=True, dsa_strategy="color_crop_cutout_flip_scale_rotate",
+                                     dsa_param=ref.ParamDiffAug(), dc_aug_param=None)
+    testloader = torch.utils.data.DataLoader(ref.TensorDataset(test.images, test.labels), batch_size=256,
+                                             shuffle=False, num_workers=0)
+    net = ref.get_network("ConvNet", spec.channels, spec.num_classes, (spec.height, spec.width))
+    cpu, wall = time.process_time(), time.perf_counter()
+    _, _, accuracy = ref.evaluate_synset(0, net, train.images, train.labels, testloader, settings)
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "acc": 100 * accuracy}
+
+
+def time_distillkit(protocol: TrainingProtocol, train: TrainingSet, test: TrainingSet, spec, device) -> dict:
+    cpu, wall = time.process_time(), time.perf_counter()
+    accuracy, = protocol.evaluate(builder("convnet3", spec), train, test, spec, [0], 0, device)
+    return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu, "acc": accuracy}
+
+
+def compare_with_reference(args, dataset, device: torch.device, real, test: TrainingSet) -> None:
+    ref = _reference_utils(Path(args.reference))
+    spec = dataset.image_spec
+    protocol = registry.create("protocols", "dc-classic").with_overrides(epochs=args.epochs,
+                                                                         test_limit=args.test_limit)
+    load_before, rows = os.getloadavg(), []
+    for ipc in args.ipc:
+        train = random_subset(real, ipc, seed=0)
+        times = {"reference": [], "distillkit": []}
+        for _ in range(args.repeats):  # round-robin, so load changes on a shared machine hit both alike
+            times["reference"].append(time_reference(ref, train, test, spec, args.epochs, device))
+            times["distillkit"].append(time_distillkit(protocol, train, test, spec, device))
+        best = {k: min(v, key=lambda t: t["wall_s"]) for k, v in times.items()}
+        for name, runs in times.items():
+            rows.append({"implementation": name, "ipc": ipc, "s_per_evaluation": best[name]["wall_s"],
+                         "cpu_s_per_evaluation": best[name]["cpu_s"],
+                         "speedup_vs_reference": best["reference"]["wall_s"] / best[name]["wall_s"],
+                         "cpu_speedup_vs_reference": best["reference"]["cpu_s"] / best[name]["cpu_s"],
+                         "times": [t["wall_s"] for t in runs], "accuracies": [round(t["acc"], 2) for t in runs]})
+    from benchmarks.common import print_table
+
+    print_table(rows, ["implementation", "ipc", "s_per_evaluation", "cpu_s_per_evaluation", "speedup_vs_reference",
+                       "cpu_speedup_vs_reference"],
+                f"evaluate_synset vs dc-classic: ConvNet-3 on MNIST random-real sets, {args.epochs} (+1) epochs, "
+                f"{args.test_limit} test images, {torch.get_num_threads()} threads")
+    path = write_report("reference_eval", device, rows, {
+        "how": "The public reference's evaluate_synset (VICO-UoE/DatasetCondensation utils.py: get_network('ConvNet'), "
+               "DSA through DiffAugment on its global generator, its DataLoader over the set and the test images) "
+               "imported from a checkout outside this repository, unchanged apart from one .view -> .reshape in "
+               "networks.py's ConvNet.forward, which current torch refuses (its code is not committed; scipy, "
+               "needed only by DC's non-DSA augmentation, stood in for when absent), timed round-robin with one "
+               "distillkit dc-classic evaluation (same epochs, DSA strategy, learning-rate schedule) on the same "
+               "random-real MNIST set and the same test images, in one process; the best of --repeats wall times "
+               "is reported, all are listed",
+        "reference_commit": args.reference_commit, "epochs_trained": args.epochs + 1, "test_limit": args.test_limit,
+        "repeats": args.repeats, "load_average_before": load_before, "load_average_after": os.getloadavg()})
+    print(f"wrote {path}")
+
+
 def show(rows: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -128,6 +217,10 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--name", default="eval_speed", help="results/NAME-DEVICE.json")
+    parser.add_argument("--reference", default=None, help="a checkout of VICO-UoE/DatasetCondensation (outside this "
+                        "repository): time its evaluate_synset against dc-classic instead")
+    parser.add_argument("--reference-commit", default=None, help="the checkout's commit, recorded with the results")
+    parser.add_argument("--repeats", type=int, default=3, help="with --reference: timings per implementation")
     args = parser.parse_args()
 
     if args.threads:
@@ -141,6 +234,9 @@ def main() -> None:
         real = load_split(dataset, resolve_root(), train=True, device=device)
         full_test = load_split(dataset, resolve_root(), train=False, device=device).as_training_set()
         test = TrainingSet(full_test.images[: args.test_limit], full_test.labels[: args.test_limit])
+        if args.reference:
+            compare_with_reference(args, dataset, device, real, test)
+            continue
         load_before = os.getloadavg()
         rows = []
         for ipc in args.ipc:

@@ -20,7 +20,7 @@ optimizer state (momentum), the iteration and the loss-log position are the
 whole state, because every stream of iteration ``it`` is recomputed from
 ``(seed, keys)`` (see :mod:`distillkit.seeding`): the real batches, the
 augmentation parameters and the synthetic subsets here; the initialisation;
-the sampler's networks, built inside :func:`~distillkit.seeding.seeded`, which
+the sampler's networks, initialised inside :func:`~distillkit.seeding.seeded`, which
 restores torch's global generator afterwards. A checkpoint records the seed and
 this scheme (``STREAMS``) so it describes itself. Nothing may draw from torch's
 global generators, whose state a checkpoint does not hold: the run loop
@@ -137,13 +137,29 @@ class Condenser:
         h, w = self.real.spec.height, self.real.spec.width
         return self.augment.draw_groups([generator(self.cfg.seed, "augment", it, c) for c in classes], h, w)
 
-    def _syn_subset(self, syn: Tensor, it: int, classes: Sequence[int]) -> Tensor:
-        cap = self.cfg.batch_syn
-        if cap is None or syn.shape[1] <= cap:
+    def _syn_picks(self, it: int, classes: Sequence[int]) -> Tensor | None:
+        """Which ``--batch-syn`` decoded images of each class iteration ``it`` trains, ``(K, batch_syn)`` on the
+        device (None: all of them): drawn on the host per class, moved in one copy for the whole iteration."""
+        cap, decoded = self.cfg.batch_syn, self.param.images_per_class
+        if cap is None or decoded <= cap:
+            return None
+        picks = torch.stack([torch.randperm(decoded, generator=generator(self.cfg.seed, "syn", it, c))[:cap]
+                             for c in classes])
+        return devices.to_device(picks, self.device)
+
+    @staticmethod
+    def _syn_subset(syn: Tensor, picks: Tensor | None, start: int) -> Tensor:
+        """Rows ``picks[start + k]`` of each class ``syn[k]`` of a chunk, in one gather (``picks`` None: all)."""
+        if picks is None:
             return syn
-        picks = torch.stack([torch.randperm(syn.shape[1], generator=generator(self.cfg.seed, "syn", it, c))[:cap]
-                             for c in classes]).to(syn.device)
-        return torch.stack([s[p] for s, p in zip(syn, picks)])
+        part = picks[start:start + len(syn)]
+        return syn.take_along_dim(part.view(*part.shape, *(1,) * (syn.dim() - 2)), dim=1)
+
+    def _groups(self, drawn: AugmentParams, start: int, k: int, n: int) -> tuple[Tensor, int]:
+        """The augmentation group of each of ``n`` samples per class of the ``k`` classes from position
+        ``start``, made on the device (no copy), and how many draw a geometric op (counted on the host)."""
+        group = lambda device: torch.arange(start * n, (start + k) * n, device=device) // n  # noqa: E731
+        return group(self.device), drawn.geometric_count(group("cpu"))
 
     def run_iteration(self) -> Tensor:
         """Run iteration ``self.iteration``; returns the summed loss over owned classes (a device scalar)."""
@@ -153,15 +169,17 @@ class Condenser:
         n_r = self.batch_real
         drawn = self._augment_params(it, classes)  # on the host: the geometric counts need no device sync
         params = drawn.to(self.device)  # one copy for the whole iteration
+        # every class's real batch drawn on the host, its rows moved in one copy (gathered per chunk below)
+        rows = self.real.sample_rows(classes, n_r, [generator(seed, "real", it, c) for c in classes])
+        picks = self._syn_picks(it, classes)
         chunk = self.cfg.real_chunk or len(classes)
         with torch.no_grad():  # real features: one batched forward per chunk of classes (all by default)
             pieces = []
             for start in range(0, len(classes), chunk):
                 part = classes[start:start + chunk]
-                real = torch.cat([self.real.sample(c, n_r, generator(seed, "real", it, c)) for c in part])
-                group = torch.arange(start, start + len(part)).repeat_interleave(n_r)
-                pieces.append(self._features(extract, self.augment.apply(real, params, group,
-                                                                         drawn.geometric_count(group)),
+                real = self.real.gather(rows[start * n_r:(start + len(part)) * n_r])
+                group, geometric = self._groups(drawn, start, len(part), n_r)
+                pieces.append(self._features(extract, self.augment.apply(real, params, group, geometric),
                                              self.forward_batch))
             real_features = torch.cat(pieces).view(len(classes), n_r, -1)
 
@@ -173,10 +191,10 @@ class Condenser:
         loss = real_features.new_zeros(())
         for start in range(0, len(classes), chunk):
             part = classes[start:start + chunk]
-            syn = self._syn_subset(self.param.decode(part), it, part)
+            syn = self._syn_subset(self.param.decode(part), picks, start)
             k, n_s = syn.shape[:2]
-            group = torch.arange(start, start + k).repeat_interleave(n_s)
-            syn = self.augment.apply(syn.flatten(0, 1), params, group, drawn.geometric_count(group))
+            group, geometric = self._groups(drawn, start, k, n_s)
+            syn = self.augment.apply(syn.flatten(0, 1), params, group, geometric)
             features = self._features(extract, syn, self.forward_batch).view(k, n_s, -1)
             part_loss = self.objective(real_features[start:start + k], features).sum()
             part_loss.backward()

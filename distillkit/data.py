@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from distillkit import devices
 from distillkit.errors import UsageError
 from distillkit.interfaces import DatasetSpec, ImageSpec, TrainingSet
 
@@ -79,11 +80,11 @@ class RealData:
         return GatheredImages(self)
 
     def gather(self, rows: Tensor) -> Tensor:
-        """Normalised images of split rows ``rows`` (CPU int64), on ``device``."""
-        picked = self.pixels[rows.to(self.pixels.device)]
-        if picked.device != self.device:
-            picked = picked.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
-                else picked.to(self.device)
+        """Normalised images of split rows ``rows`` (int64, on the host or already where the pixels are:
+        see :meth:`sample_rows`), on ``device``. Host -> device copies are pinned and asynchronous."""
+        picked = self.pixels[devices.to_device(rows, self.pixels.device)]
+        if picked.device != self.device:  # host-resident pixels: only the gathered rows move
+            picked = devices.to_device(picked, self.device)
         return self.spec.normalize(picked.float().div_(255))
 
     def count(self, label: int) -> int:
@@ -100,6 +101,16 @@ class RealData:
 
     def sample(self, label: int, n: int, generator: torch.Generator) -> Tensor:
         return self.gather(self.sample_indices(label, n, generator))
+
+    def sample_rows(self, labels: Sequence[int], n: int, generators: Sequence[torch.Generator]) -> Tensor:
+        """Split rows of ``n`` random images of each of ``labels``, class after class, for :meth:`gather`.
+
+        Each class draws on the host from its own generator exactly as :meth:`sample_indices` does (so
+        ``gather`` of the rows equals ``torch.cat`` of :meth:`sample` per class, bit for bit); the rows of
+        all classes then move where the pixels are in ONE copy, instead of one blocking copy per class.
+        """
+        rows = torch.cat([self.sample_indices(c, n, g) for c, g in zip(labels, generators, strict=True)])
+        return devices.to_device(rows, self.pixels.device)
 
     def restricted(self, classes: Sequence[int] | None, device: torch.device | str) -> "RealData":
         """Only ``classes`` (all if None), gathered to ``device``; the pixels are shared, not copied."""

@@ -117,6 +117,15 @@ def to_device(t: Tensor, device: torch.device | str) -> Tensor:
     return t.to(device, non_blocking=True)
 
 
+@functools.lru_cache(maxsize=256)
+def constant(values: tuple[float, ...] | tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a 1-D tensor on ``device``, made once per ``(values, dtype, device)``: hot loops that
+    built small constants (normalisation statistics, class indices) from Python values at every call
+    made a host -> device copy each time on an accelerator. Callers must only read it."""
+    with torch.inference_mode(False):  # a normal tensor even if first asked for inside inference mode
+        return torch.tensor(values, dtype=dtype, device=device)
+
+
 def set_deterministic(enabled: bool) -> None:
     """torch's deterministic algorithms and cuDNN's deterministic, non-benchmarking kernels for this process
     (``--deterministic``). On CUDA, ops without a deterministic kernel then raise instead of using atomic

@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping, Protocol as _Protocol, Sequence, runt
 import torch
 from torch import Tensor, nn
 
+from distillkit import devices
+
 
 @dataclass(frozen=True)
 class ImageSpec:
@@ -40,7 +42,7 @@ class ImageSpec:
 
     @staticmethod
     def _stat(values: tuple[float, ...], like: Tensor) -> Tensor:
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+        return devices.constant(values, like.dtype, like.device).view(-1, 1, 1)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values, as files store them (:meth:`from_dict` reads them back)."""

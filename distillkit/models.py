@@ -27,6 +27,7 @@ the registry; this module is where names meet the registry.
 
 from __future__ import annotations
 
+import copy
 import difflib
 from typing import Callable
 
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distillkit import registry
+from distillkit import devices, registry
 from distillkit.errors import UsageError
 from distillkit.interfaces import ImageSpec, ModelBuilder
 from distillkit.seeding import seeded
@@ -145,14 +146,106 @@ def embed(model: nn.Module, x: Tensor) -> Tensor:
     return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1)
 
 
+class RandomEmbedder:
+    """Frozen, randomly initialised ``name`` networks for ``spec`` on ``device``, drawn into ONE module.
+
+    :meth:`draw` gives the network of ``(seed, keys)``. **Guarantee:** its weights and buffers are
+    exactly those of ``create_model(name, spec)`` built on the CPU under ``seeded(seed, "model",
+    *keys)``: a pure function of ``(seed, keys)``, bit-identical on every device, because every draw
+    happens on the CPU. The network is kept in train mode, as in the reference code, and never
+    receives weight gradients.
+
+    Cost per draw: no network is built on the device and nothing is allocated there; the CPU
+    template's tensors are packed into one host buffer and written into the device module with ONE
+    host -> device copy (pinned and asynchronous on CUDA; on the CPU they are copied over directly).
+    The template gets its weights by replaying its initialisation in place, every submodule's
+    ``reset_parameters()`` in module order under the same ``seeded``: what building does for
+    networks of torch layers with their default init (the ConvNet family). The first draw checks
+    that replay against the built network, bit for bit; for an architecture that initialises
+    otherwise (ResNetAP's and many timm models' own init after building) every draw builds the CPU
+    template afresh instead, still moved in one copy.
+
+    The extractor a draw returns computes with the shared module: it is valid until the next draw.
+    """
+
+    #: each tensor's bytes start at a multiple of this in the packed buffer (so any dtype can view them)
+    ALIGN = 16
+
+    def __init__(self, name: str, spec: ImageSpec, device: torch.device | str = "cpu") -> None:
+        self.name, self.spec, self.device = name, spec, torch.device(device)
+        self._template: nn.Module | None = None  # on the CPU; never runs a forward, so its buffers stay fresh
+        self._module: nn.Module | None = None  # on the device; what the extractors compute with
+        self._replays = False  # whether replaying the template's init reproduces a fresh build
+
+    def draw(self, seed: int, *keys: object) -> Callable[[Tensor], Tensor]:
+        with seeded(seed, "model", *keys):
+            if self._template is None or not self._replays:
+                self._template = create_model(self.name, self.spec).requires_grad_(False)
+            else:
+                _replay_init(self._template)
+        if self._module is None:
+            self._module = copy.deepcopy(self._template).to(self.device).train()
+            self._replays = self._replay_reproduces(seed, keys)
+        else:
+            self._load_template()
+        module = self._module
+        return lambda x: embed(module, x)
+
+    def _replay_reproduces(self, seed: int, keys: tuple) -> bool:
+        """Whether replaying the init of ``keys`` gives the network just built for them, bit for bit."""
+        built = [t.clone() for t in _tensors(self._template)]
+        with seeded(seed, "model", *keys):
+            _replay_init(self._template)
+        return all(torch.equal(a, b) for a, b in zip(built, _tensors(self._template), strict=True))
+
+    def _load_template(self) -> None:
+        """The template's tensors into the device module: one packed copy to an accelerator, plain copies
+        on the CPU (nothing to transfer, so packing would only add a pass over the weights)."""
+        targets = _tensors(self._module)
+        if self.device.type == "cpu":
+            with torch.no_grad():
+                for target, source in zip(targets, _tensors(self._template), strict=True):
+                    target.copy_(source)
+        else:
+            packed = _pack(_tensors(self._template), self.ALIGN)
+            _unpack(devices.to_device(packed, self.device), targets, self.ALIGN)
+
+
 def random_embedder(name: str, spec: ImageSpec, seed: int, *keys: object,
                     device: torch.device | str = "cpu") -> Callable[[Tensor], Tensor]:
-    """A frozen, randomly initialised ``name`` whose weights are a pure function of ``(seed, keys)``.
+    """A frozen, randomly initialised ``name`` whose weights are a pure function of ``(seed, keys)``,
+    identical on every device (built on the CPU; see :class:`RandomEmbedder`, which samplers use to
+    draw many networks into one module)."""
+    return RandomEmbedder(name, spec, device).draw(seed, *keys)
 
-    The network is built on the CPU (so its weights do not depend on the device),
-    kept in train mode as in the reference code, and never receives weight gradients.
-    """
-    with seeded(seed, "model", *keys):
-        model = create_model(name, spec)
-    model = model.to(device).train().requires_grad_(False)
-    return lambda x: embed(model, x)
+
+def _tensors(module: nn.Module) -> list[Tensor]:
+    """Every parameter and buffer of ``module``, in an order that is the same for any copy of it."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _replay_init(module: nn.Module) -> None:
+    """Re-initialise ``module`` in place as building it does, for networks of torch's layers: each
+    submodule's ``reset_parameters()`` in module (construction) order, drawing from the global generator."""
+    for sub in module.modules():
+        if callable(getattr(sub, "reset_parameters", None)):
+            sub.reset_parameters()
+
+
+def _pack(tensors: list[Tensor], align: int) -> Tensor:
+    """The bytes of ``tensors`` in one uint8 host buffer, each tensor's from a multiple of ``align``."""
+    pieces = []
+    for t in tensors:
+        raw = t.detach().contiguous().view(-1).view(torch.uint8)
+        pieces += [raw, raw.new_zeros(-len(raw) % align)]
+    return torch.cat(pieces)
+
+
+def _unpack(packed: Tensor, tensors: list[Tensor], align: int) -> None:
+    """Copy :func:`_pack`'s buffer (on the tensors' device) back into ``tensors``, in place."""
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            size = t.numel() * t.element_size()
+            t.copy_(packed[offset:offset + size].view(t.dtype).view(t.shape))
+            offset += size + -size % align

@@ -86,6 +86,48 @@ def test_same_seed_same_weights():
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.parametrize("name, replays", [("convnet3_bn", True), ("resnetap10", False)])
+def test_a_random_embedder_redrawn_in_place_equals_fresh_networks(name, replays):
+    """One module re-initialised for every draw gives each draw's freshly built network bit for bit: its
+    weights and buffers (batch-norm statistics moved by the previous draw's forward included) and its
+    features. ConvNet's init replays in place; ResNetAP re-initialises after building, so it is rebuilt."""
+    from distillkit.models import RandomEmbedder
+    from distillkit.seeding import seeded
+
+    spec = SPECS[0]
+    x = torch.randn(6, spec.channels, spec.height, spec.width, generator=torch.Generator().manual_seed(0))
+    embedder = RandomEmbedder(name, spec)
+    drawn = []
+    for key in (0, 1, 5):
+        extract = embedder.draw(7, "encoder", key)
+        with seeded(7, "model", "encoder", key):
+            fresh = create_model(name, spec).train()
+        assert all(torch.equal(a, b) for a, b in zip(embedder._module.state_dict().values(),
+                                                     fresh.state_dict().values(), strict=True))
+        with torch.no_grad():
+            features = extract(x)  # moves the shared module's batch-norm statistics
+            assert torch.equal(features, embed(fresh, x))
+        drawn.append(features)
+    assert embedder._replays is replays
+    assert not torch.equal(drawn[0], drawn[1])  # the draws really differ
+
+
+def test_the_packed_transfer_of_a_network_restores_every_tensor_exactly():
+    """What an accelerator's draw sends in one copy: float weights and int64 batch-norm counters (odd sizes,
+    each aligned in the buffer) come back bit for bit (on the CPU here: same code, no transfer)."""
+    from distillkit.models import RandomEmbedder, _pack, _tensors, _unpack
+
+    source, target = create_model("convnet3_bn", SPECS[0]), create_model("convnet3_bn", SPECS[0])
+    torch.nn.init.normal_(source.classifier.bias)
+    for module in source.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.num_batches_tracked += 3
+    packed = _pack(_tensors(source), RandomEmbedder.ALIGN)
+    assert packed.dtype == torch.uint8
+    _unpack(packed, _tensors(target), RandomEmbedder.ALIGN)
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(source), _tensors(target), strict=True))
+
+
 def test_unknown_model_names_fail_with_the_choices():
     with pytest.raises(UsageError) as err:
         create_model("resnet19", SPECS[0])

@@ -7,8 +7,9 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from distillkit import devices
 from distillkit.interfaces import ImageSpec, RealImages
-from distillkit.models import random_embedder
+from distillkit.models import RandomEmbedder
 
 
 class MeanObjective:
@@ -45,7 +46,7 @@ class PixelParameterization:
         return [self.images]
 
     def decode(self, classes: Sequence[int]) -> Tensor:
-        index = torch.as_tensor(list(classes), device=self.images.device)
+        index = devices.constant(tuple(classes), torch.long, self.images.device)  # built once per class list
         return self.images.view(self.spec.num_classes, self.ipc, *self.images.shape[1:])[index]
 
     def stored(self) -> Tensor:
@@ -63,13 +64,15 @@ class PixelParameterization:
 
 
 class RandomConvNetSampler:
-    """A new randomly initialised ConvNet-3 (or ``model``) at every iteration."""
+    """A new randomly initialised ConvNet-3 (or ``model``) at every iteration, the network keyed
+    ``("encoder", iteration)``, re-initialised in place in one module (see :class:`RandomEmbedder`)."""
 
     def __init__(self, spec: ImageSpec, seed: int, device: torch.device, model: str = "convnet3") -> None:
         self.spec, self.seed, self.device, self.model = spec, seed, device, model
+        self._embedder = RandomEmbedder(model, spec, device)
 
     def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]:
-        return random_embedder(self.model, self.spec, self.seed, "encoder", iteration, device=self.device)
+        return self._embedder.draw(self.seed, "encoder", iteration)
 
     def redraws_at(self, iteration: int) -> bool:
         return True

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distillkit.errors import UsageError
+from distillkit import devices
 from distillkit.interfaces import ImageSpec, RealImages
-from distillkit.models import random_embedder
+from distillkit.models import RandomEmbedder
 
 KERNELS = ("gaussian", "linear")
 ESTIMATORS = ("biased", "unbiased")
@@ -195,7 +196,7 @@ class FactorParameterization:
 
     def decode(self, classes: Sequence[int]) -> Tensor:
         f, ipc, (c, h, w), (s_h, s_w) = self.factor, self.ipc, self.images.shape[1:], self.tile
-        index = torch.as_tensor(list(classes), device=self.images.device)
+        index = devices.constant(tuple(classes), torch.long, self.images.device)  # built once per class list
         x = self.images.view(self.spec.num_classes, ipc, c, h, w)[index]
         k = x.shape[0]
         x = F.pad(x.flatten(0, 1), (0, f * s_w - w, 0, f * s_h - h), value=0.5)
@@ -223,8 +224,8 @@ class RandomEncoderSampler:
 
     The network serving iteration ``it`` is the one keyed ``("encoder", it // period * period)``,
     a pure function of the run seed; with ``period=1`` it is exactly the network
-    ``random-convnet`` draws at that iteration. The current network is cached so it
-    is built once per period.
+    ``random-convnet`` draws at that iteration. The current network is kept, so it is drawn (in
+    place, into one module: see :class:`RandomEmbedder`) once per period.
     """
 
     def __init__(self, spec: ImageSpec, seed: int, device: torch.device, model: str = "convnet3",
@@ -233,12 +234,13 @@ class RandomEncoderSampler:
             raise UsageError(f"sampler period must be a positive integer (iterations per random model), "
                              f"got {period!r}")
         self.spec, self.seed, self.device, self.model, self.period = spec, seed, device, model, period
+        self._embedder = RandomEmbedder(model, spec, device)
         self._cached: tuple[int, Callable[[Tensor], Tensor]] | None = None
 
     def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]:
         key = iteration // self.period * self.period
         if self._cached is None or self._cached[0] != key:
-            self._cached = (key, random_embedder(self.model, self.spec, self.seed, "encoder", key, device=self.device))
+            self._cached = (key, self._embedder.draw(self.seed, "encoder", key))
         return self._cached[1]
 
     def redraws_at(self, iteration: int) -> bool:
