@@ -32,7 +32,7 @@ def seeded(seed: int, *keys: object, device: torch.device | str | None = None) -
     leaving every global generator as it was.
 
     The CPU generator is always seeded: it serves ``nn.Module`` init on the CPU (how
-    :func:`distillkit.zoo.random_embedder` builds, so weights do not depend on the device).
+    :func:`distillkit.models.RandomEmbedder` builds, so weights do not depend on the device).
     Pass ``device`` when the block also draws on an accelerator (a module initialised
     there, dropout in a training loop there): that device's generator is seeded and
     restored too. No other generator is touched: ``torch.manual_seed`` would reseed every
