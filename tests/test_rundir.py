@@ -289,6 +289,9 @@ class LoggedNearestMean:
     def speed_settings(self, device):
         return {}
 
+    def for_dataset(self, dataset):
+        return self
+
     def with_overrides(self, **overrides):
         raise UsageError(f"logged-nearest-mean has no settings to override (given {sorted(overrides)})")
 
