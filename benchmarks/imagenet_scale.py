@@ -13,7 +13,7 @@ A generated Imagenette tree (10 classes x ``--per-class`` JPEGs of ImageNet's ty
   every peak is its own: peak RSS (``getrusage``; it counts the cache pages the run touched, which
   are the kernel's page cache, not the process's), peak anonymous memory (the process's own,
   sampled from ``/proc/self/status``) and, on CUDA, ``max_memory_allocated``. Real batches are
-  ``--batch-real`` per class, ``--real-chunk`` classes per real forward.
+  ``--batch-real`` per class, ``--real-chunk`` classes per forward and backward (real and synthetic).
 
 The split itself is never resident: compare the peaks with the split's size as float32, what
 holding it in memory would cost.

@@ -182,10 +182,11 @@ def imagenet_scale(name: str, report: dict[str, Any]) -> str:
         _table(["px", "processes", "images", "build s", "images/s", "CPU ms/image"], builds),
         f"Every later start-up lists the folder and memory-maps the cache (`start-up s`: `load_split` in a fresh "
         f"process). Condense from the cache, one process per row, {s['batch_real']} real images per class, "
-        f"{s['real_chunk']} classes per real forward, median of {s['iterations']} iteration(s) after a warm-up. "
-        "`anon` is the process's own memory, after start-up and at its peak: the split is never in it (compare the "
-        "last column); peak RSS also counts file pages (torch's libraries, the cache pages touched). What grows "
-        "with IPC and resolution is the synthetic side: every class's decoded images go through one backward.",
+        f"{s['real_chunk']} classes per forward and backward (`--real-chunk`, real and synthetic side), median of "
+        f"{s['iterations']} iteration(s) after a warm-up. `anon` is the process's own memory, after start-up and at "
+        "its peak: the split is never in it (compare the last column); peak RSS also counts file pages (torch's "
+        "libraries, the cache pages touched). What still grows is one chunk's decoded images and their activations "
+        "(decoded/class x chunk): lower `--real-chunk` to bound it.",
         _table(["px", "method", "IPC", "decoded/class", "start-up s", "s/iteration", "anon after start-up MiB",
                 "peak anon MiB", "peak RSS MiB", "split as float32 MiB"] + (["CUDA peak MiB"] if cuda else []),
                table),
