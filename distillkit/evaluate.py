@@ -159,7 +159,8 @@ class _Report:
 
     def __init__(self, run: RunDir, header: dict[str, Any], write: bool) -> None:
         self.run, self.header, self.write = run, header, write
-        self.previous: list[dict[str, Any]] = run.read_report()["results"] if write else []
+        # every rank reads it, so all deal out the same unfinished jobs; only rank 0 writes
+        self.previous: list[dict[str, Any]] = run.read_report()["results"]
         self.rows = list(self.previous)
         self.error: OSError | None = None
 
