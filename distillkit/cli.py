@@ -17,7 +17,8 @@ from distillkit.devices import rank as _rank
 from distillkit.errors import UsageError
 
 console = Console(stderr=True, quiet=_rank() > 0)
-out = Console(quiet=_rank() > 0)
+# piped or redirected: tables as wide as their rows instead of wrapped at 80 columns
+out = Console(quiet=_rank() > 0, width=None if sys.stdout.isatty() else 100_000)
 
 
 def device_options(command):
@@ -196,19 +197,29 @@ def _progress() -> Progress:
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also evaluate a random real subset at the same IPC.")
 @click.option("--seed", type=int, help="Evaluation seed.  [default: the run's seed]")
+@click.option("--set", "sets", multiple=True, metavar="protocol.OPTION=VALUE",
+              help="Set a protocol option (repeatable); see `distillkit describe protocols NAME`. --epochs and "
+                   "--test-limit are shortcuts of protocol.epochs and protocol.test_limit.")
 @device_options
-def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, device,
+def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, sets, device,
              data_root, deterministic) -> None:
     """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv.
 
     Under torchrun the runs are shared out over the processes; rank 0 writes the merged files.
     """
+    from distillkit.config import parse_sets
     from distillkit.data import resolve_root
     from distillkit.devices import resolve_device, set_deterministic
     from distillkit.evaluate import evaluate_run, resolve_protocol
     from distillkit.models import known_model
 
-    proto = resolve_protocol(protocol, epochs=epochs, test_limit=test_limit, stacked=stacked, compile=compile_)
+    options = parse_sets(sets, components=("protocol",))["protocol"]
+    for option, shortcut in (("epochs", epochs), ("test_limit", test_limit)):
+        if shortcut is not None and option in options and options[option] != shortcut:
+            raise UsageError(f"--{option.replace('_', '-')} {shortcut} and --set protocol.{option}="
+                             f"{options[option]} disagree; give one")
+    proto = resolve_protocol(protocol, **options, epochs=epochs, test_limit=test_limit, stacked=stacked,
+                             compile=compile_)
     patterns = [m.strip() for m in models.split(",") if m.strip()]
     names = [known_model(m) for m in registry.plugins()["models"].match(patterns)]  # bad names fail here, at once
     set_deterministic(bool(deterministic))
@@ -256,13 +267,14 @@ def _print_eval(report: dict) -> None:
         out.print(f"wrote {run.eval_json} and {run.eval_csv.name}")
 
 
-# -- plugins, list, show ---------------------------------------------------
+# -- plugins, list, describe, show ---------------------------------------------------
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON (for scripts).")
+@click.option("--strict", is_flag=True, help="Exit with status 1 when any plugin failed to load (for CI).")
 @click.pass_context
-def plugins(ctx: click.Context, as_json: bool) -> None:
+def plugins(ctx: click.Context, as_json: bool, strict: bool) -> None:
     """Show every plugin: package, version, the hooks it implements with what each registered, and errors.
 
     A plugin that failed is listed with its error and the others still work; the global --debug adds the
@@ -271,27 +283,21 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
     import dataclasses
     import json
 
-    from rich.text import Text
+    from distillkit.catalog import plugins_table
 
     rows = registry.plugins().info()
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(info) for info in rows], indent=2))
-        return
-    table = Table(title="distillkit plugins")
-    for col in ("plugin", "package", "version", "hooks: registered names", "status"):
-        table.add_column(col)
-    for info in rows:
-        kinds = {hook: kind for kind, hook in registry.KINDS.items()}
-        hooks = "\n".join(f"{hook}: {', '.join(info.registers.get(kinds.get(hook, ''), ())) or '-'}"
-                          for hook in info.hooks)
-        # Text, not markup: error messages may contain [brackets]
-        status = Text(f"error: {info.error}", style="red") if info.error else Text("ok")
-        table.add_row(info.name, info.package, info.version, hooks or "-", status)
-    out.print(table)
+    else:
+        out.print(plugins_table(rows))
     if ctx.meta.get("distillkit.debug"):
         for info in rows:
             if info.traceback:
                 click.echo(f"\n--- {info.name} ---\n{info.traceback}", err=True)
+    failed = [info.name for info in rows if info.error]
+    if strict and failed:
+        click.echo(f"Error: {len(failed)} plugin(s) failed to load: {', '.join(failed)}", err=True)
+        ctx.exit(1)
 
 
 @cli.command(name="list")
@@ -299,17 +305,20 @@ def plugins(ctx: click.Context, as_json: bool) -> None:
 @click.option("--filter", "pattern", default="*", show_default=True, help="Glob on names, e.g. 'convnet*'.")
 def list_(kind: str, pattern: str) -> None:
     """List the registered names of one KIND, with the plugin that provides each."""
-    import fnmatch
+    from distillkit.catalog import names_table
 
-    reg = registry.plugins()[kind]
-    table = Table(title=f"{kind}")
-    for col in ("name", "plugin", "description"):
-        table.add_column(col)
-    for name in fnmatch.filter(reg.names(), pattern):
-        entry = reg.get(name)
-        doc = getattr(entry.factory, "description", "") or (entry.factory.__doc__ or "").strip().split("\n")[0]
-        table.add_row(name, entry.plugin, doc)
-    out.print(table)
+    out.print(names_table(kind, pattern))
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(list(registry.KINDS)))
+@click.argument("name")
+def describe(kind: str, name: str) -> None:
+    """Print one component's documentation and its options (type and default), e.g.
+    `distillkit describe samplers random-encoder`."""
+    from distillkit.catalog import describe as describe_component, render_description
+
+    out.print(render_description(describe_component(kind, name)))
 
 
 @cli.command()

@@ -40,10 +40,11 @@ from torch import Tensor
 from distillkit import devices, registry
 from distillkit.augment import Augment, AugmentParams
 from distillkit.config import RunConfig
-from distillkit.data import RealData
+from distillkit.checks import OutputChecks
+from distillkit.data import RealData, data_context, resolve_root
 from distillkit.distributed import World, merge_state
-from distillkit.errors import UsageError
-from distillkit.interfaces import Objective, Parameterization, Sampler
+from distillkit.errors import ComponentError, UsageError
+from distillkit.interfaces import DataContext, ImageSpec, Objective, Parameterization, Sampler, Stateful
 from distillkit.seeding import generator
 
 #: What a checkpoint records instead of RNG states: how every random stream is derived.
@@ -56,14 +57,22 @@ STREAMS = {
 }
 
 
-def build_components(cfg: RunConfig, real: RealData, device: torch.device
+def build_components(cfg: RunConfig, spec: ImageSpec, device: torch.device, data: DataContext
                      ) -> tuple[Objective, Parameterization, Sampler, Augment]:
-    spec = real.spec
     objective = registry.create("objectives", cfg.objective, **cfg.objective_options)
-    param = registry.create("parameterizations", cfg.parameterization, spec=spec, ipc=cfg.ipc, device=device,
+    param = registry.create("parameterizations", cfg.parameterization,
+                            {"spec": spec, "ipc": cfg.ipc, "device": device,
+                             **_data_if_declared("parameterizations", cfg.parameterization, data)},
                             **cfg.parameterization_options)
-    sampler = registry.create("samplers", cfg.sampler, spec=spec, seed=cfg.seed, device=device, **cfg.sampler_options)
+    sampler = registry.create("samplers", cfg.sampler, {"spec": spec, "seed": cfg.seed, "device": device,
+                                                        **_data_if_declared("samplers", cfg.sampler, data)},
+                              **cfg.sampler_options)
     return objective, param, sampler, Augment(cfg.augment, cfg.augment_strategy)
+
+
+def _data_if_declared(kind: str, name: str, data: DataContext) -> dict[str, DataContext]:
+    """``{"data": data}`` for a factory that declares a ``data`` parameter (the documented contract), else ``{}``."""
+    return {"data": data} if registry.declares(registry.plugins()[kind].get(name).factory, "data") else {}
 
 
 @dataclass
@@ -75,6 +84,8 @@ class Condenser:
     device: torch.device
     owned: Sequence[int] | None = None  # classes this process optimises (None: all)
     world: World = field(default_factory=World)
+    #: the dataset and full training split for components that declare ``data`` (default: built from ``real``)
+    data: DataContext | None = None
     iteration: int = 0
     objective: Objective = field(init=False)
     param: Parameterization = field(init=False)
@@ -82,7 +93,12 @@ class Condenser:
     augment: Augment = field(init=False)
 
     def __post_init__(self) -> None:
-        self.objective, self.param, self.sampler, self.augment = build_components(self.cfg, self.real, self.device)
+        if self.data is None:
+            self.data = data_context(registry.create("datasets", self.cfg.dataset, **self.cfg.dataset_options),
+                                     self.cfg.dataset_options, resolve_root(), self.device, train=self.real)
+        self.objective, self.param, self.sampler, self.augment = build_components(
+            self.cfg, self.real.spec, self.device, self.data)
+        self.checks = OutputChecks(self.cfg, self.real.spec)
         num_classes = self.real.spec.num_classes
         self.classes = list(range(num_classes)) if self.owned is None else sorted(self.owned)
         smallest = min(self.real.split_counts)
@@ -101,12 +117,19 @@ class Condenser:
     # -- state -----------------------------------------------------------
     def initialize(self, real: RealData | None = None) -> None:
         """Initialise from ``real`` (default: this process's data; a class shard passes the full split)."""
-        self.param.init(real if real is not None else self.real, generator(self.cfg.seed, "init"))
+        with self.checks.blame("parameterization", "init"):
+            self.param.init(real if real is not None else self.real, generator(self.cfg.seed, "init"))
+
+    def stateful(self) -> dict[str, Stateful]:
+        """The components whose state checkpoints hold (see :class:`~distillkit.interfaces.Stateful`)."""
+        return {kind: c for kind, c in (("sampler", self.sampler), ("objective", self.objective))
+                if isinstance(c, Stateful)}
 
     def state_dict(self) -> dict:
         # a snapshot: the optimizer's own state_dict shares its live momentum buffers
         return {"parameterization": {k: v.detach().clone() for k, v in self.param.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "iteration": self.iteration}
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "iteration": self.iteration,
+                "components": {kind: copy.deepcopy(c.state_dict()) for kind, c in self.stateful().items()}}
 
     def merged_state_dict(self) -> dict:
         """:meth:`state_dict` with every rank's classes filled in (the same as ``state_dict`` in one process)."""
@@ -116,21 +139,39 @@ class Condenser:
         return state
 
     def preflight(self) -> None:
-        """Embed two real images with this iteration's extractor, so a model that cannot take the
-        dataset's channels or size fails with a clear message before any file is written."""
+        """Run every component once on two real images and one class, so a model that cannot take the
+        dataset's channels or size, or a component that returns the wrong shape, fails with one clear line
+        before any file is written (the first iteration checks again, on every class)."""
+        checks, spec = self.checks, self.real.spec
         try:
+            with checks.blame("sampler", "extractor"):  # with autograd: a sampler may train its network
+                extract = checks.extractor(self.sampler.extractor(self.iteration))
             with torch.no_grad():
-                self.sampler.extractor(self.iteration)(self.real.images[:2])
-        except (RuntimeError, ValueError) as exc:
-            spec, options = self.real.spec, dict(self.cfg.sampler_options)
-            raise UsageError(f"sampler {self.cfg.sampler!r} {options} cannot embed {self.cfg.dataset}'s "
-                             f"{spec.channels}x{spec.height}x{spec.width} images: "
-                             f"{str(exc).strip().splitlines()[0][:200]}") from exc
+                real = extract(self.real.images[:2])
+        except ComponentError as exc:
+            if not isinstance(exc.__cause__, (RuntimeError, ValueError)):
+                raise
+            raise UsageError(f"sampler {self.cfg.sampler!r} {dict(self.cfg.sampler_options)} cannot embed "
+                             f"{self.cfg.dataset}'s {spec.channels}x{spec.height}x{spec.width} images: "
+                             f"{str(exc.__cause__).strip().splitlines()[0][:200]}") from exc.__cause__
+        with torch.no_grad():
+            with checks.blame("parameterization", "decode"):
+                syn = checks.decoded(self.param.decode(self.classes[:1]), 1, self.param.images_per_class)
+            features = extract(syn.flatten(0, 1)).unsqueeze(0)
+            with checks.blame("objective", "__call__"):
+                checks.losses(self.objective(real.unsqueeze(0), features), 1, finite=False)
 
     def load_state_dict(self, state: dict) -> None:
         self.param.load_state_dict(state["parameterization"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.iteration = int(state["iteration"])
+        saved = state.get("components", {})
+        for kind, component in self.stateful().items():
+            if kind not in saved:
+                raise UsageError(f"the checkpoint holds no state of the {kind} {getattr(self.cfg, kind)!r}, which "
+                                 f"keeps one; it was written by another version of that component: start a new run")
+            with self.checks.blame(kind, "load_state_dict"):
+                component.load_state_dict(saved[kind])
 
     # -- one iteration ---------------------------------------------------
     def _augment_params(self, it: int, classes: Sequence[int]) -> AugmentParams:
@@ -163,9 +204,11 @@ class Condenser:
 
     def run_iteration(self) -> Tensor:
         """Run iteration ``self.iteration``; returns the summed loss over owned classes (a device scalar)."""
-        it, seed, classes = self.iteration, self.cfg.seed, self.classes
-        self.param.project()
-        extract = self.sampler.extractor(it)
+        it, seed, classes, checks = self.iteration, self.cfg.seed, self.classes, self.checks
+        with checks.blame("parameterization", "project"):
+            self.param.project()
+        with checks.blame("sampler", "extractor"):
+            extract = checks.extractor(self.sampler.extractor(it))
         n_r = self.batch_real
         drawn = self._augment_params(it, classes)  # on the host: the geometric counts need no device sync
         params = drawn.to(self.device)  # one copy for the whole iteration
@@ -191,12 +234,16 @@ class Condenser:
         loss = real_features.new_zeros(())
         for start in range(0, len(classes), chunk):
             part = classes[start:start + chunk]
-            syn = self._syn_subset(self.param.decode(part), picks, start)
+            with checks.blame("parameterization", "decode"):
+                syn = checks.decoded(self.param.decode(part), len(part), self.param.images_per_class)
+            syn = self._syn_subset(syn, picks, start)
             k, n_s = syn.shape[:2]
             group, geometric = self._groups(drawn, start, k, n_s)
             syn = self.augment.apply(syn.flatten(0, 1), params, group, geometric)
             features = self._features(extract, syn, self.forward_batch).view(k, n_s, -1)
-            part_loss = self.objective(real_features[start:start + k], features).sum()
+            with checks.blame("objective", "__call__"):
+                part_loss = checks.losses(self.objective(real_features[start:start + k], features), k,
+                                          finite=True).sum()
             part_loss.backward()
             loss = loss + part_loss.detach()
         if self.cfg.step == "class":
@@ -204,6 +251,7 @@ class Condenser:
         else:
             self.optimizer.step()
         self.iteration += 1
+        checks.done()
         return loss.detach()
 
     # The "class" schedule (M3D's reference) takes one SGD step per class, in class order, on one optimizer

@@ -96,16 +96,17 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_sets(items: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
+def parse_sets(items: tuple[str, ...] | list[str], components: tuple[str, ...] = COMPONENTS
+               ) -> dict[str, dict[str, Any]]:
     """``["objective.kernel=linear", "sampler.period=10"]`` -> ``{"objective": {"kernel": "linear"}, ...}``."""
-    out: dict[str, dict[str, Any]] = {c: {} for c in COMPONENTS}
+    out: dict[str, dict[str, Any]] = {c: {} for c in components}
     for item in items:
         key, eq, value = item.partition("=")
         component, dot, option = key.partition(".")
         if not eq or not dot or not option:
             raise UsageError(f"--set {item!r}: expected COMPONENT.OPTION=VALUE, e.g. objective.kernel=linear")
         if component not in out:
-            raise UsageError(f"--set {item!r}: unknown component {component!r}; choose one of: {', '.join(COMPONENTS)}")
+            raise UsageError(f"--set {item!r}: unknown component {component!r}; choose one of: {', '.join(components)}")
         out[component][option] = parse_value(value)
     return out
 

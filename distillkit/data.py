@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from distillkit import devices
 from distillkit.errors import UsageError
-from distillkit.interfaces import DatasetSpec, ImageSpec, TrainingSet
+from distillkit.interfaces import DataContext, DatasetSpec, ImageSpec, TrainingSet
 
 
 def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
@@ -161,3 +161,13 @@ def load_split(spec: DatasetSpec, root: Path, train: bool, device: torch.device 
     if raw.shape[1:] != expected:
         raise UsageError(f"dataset {spec.name}: images have shape {tuple(raw.shape[1:])}, expected {expected}")
     return RealData(spec.image_spec, _placed(raw, device), labels.long(), spec.class_names, device)
+
+
+def data_context(spec: DatasetSpec, options: Mapping[str, Any], root: Path, device: torch.device | str,
+                 train: RealData | None = None) -> DataContext:
+    """The :class:`~distillkit.interfaces.DataContext` of ``spec`` under ``root``: its training split is
+    ``train`` when the caller already holds the full split, else loaded on first use, gathered to ``device``."""
+    device = torch.device(device)
+    if train is not None:
+        return DataContext(spec, options, root, device, lambda: train.restricted(None, device))
+    return DataContext(spec, options, root, device, lambda: load_split(spec, root, train=True, device=device))

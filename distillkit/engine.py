@@ -51,7 +51,7 @@ from torch import Tensor
 from distillkit import devices
 from distillkit.augment import Augment, AugmentParams
 from distillkit.errors import UsageError
-from distillkit.interfaces import ImageSpec, ModelBuilder, TrainingSet
+from distillkit.interfaces import DataContext, ImageSpec, ModelBuilder, TrainingSet
 from distillkit.seeding import derive_seed, generator, seeded
 from distillkit.stacking import SingleRun, StackedRuns
 
@@ -246,7 +246,9 @@ class TrainingProtocol:
 
     # -- training and testing --------------------------------------------
     def evaluate(self, model: ModelBuilder, train: TrainingSet, test: TrainingSet, spec: ImageSpec,
-                 run_ids: Sequence[int], seed: int, device: torch.device | str) -> list[float]:
+                 run_ids: Sequence[int], seed: int, device: torch.device | str,
+                 data: DataContext | None = None) -> list[float]:
+        """See :meth:`EvalProtocol.evaluate`; hard-label training needs no more than ``train`` (``data`` unused)."""
         run_ids = list(run_ids)
         if not run_ids:
             raise UsageError("no evaluation runs given (--runs must be positive)")

@@ -11,3 +11,8 @@ class UsageError(Exception):
 
 class NonFiniteLossError(UsageError):
     """The loss became NaN or inf; the last good checkpoint was kept."""
+
+
+class ComponentError(UsageError):
+    """A plugin's component raised or returned something the interface does not allow; the message names
+    the component, its plugin and what went wrong (the original exception is the ``__cause__``)."""

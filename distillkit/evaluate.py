@@ -19,7 +19,7 @@ import torch
 
 from distillkit import registry
 from distillkit.artifact import atomic_write_bytes, atomic_write_json, content_digest, versions
-from distillkit.data import load_split
+from distillkit.data import data_context, load_split
 from distillkit.devices import device_for_rank
 from distillkit.distributed import World, merge_dicts, world as join_world
 from distillkit.errors import UsageError
@@ -97,10 +97,10 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
     for model in models:  # fail on a bad name or an input the model cannot take before hours of training
         check_model(model, synthetic.spec)
     test = load_split(dataset, data_root, train=False, device=device).as_training_set()
+    data = data_context(dataset, config.get("dataset_options", {}), data_root, device)
     sets = {"synthetic": synthetic.training_set(device)}
     if baseline:
-        real = load_split(dataset, data_root, train=True, device=device)
-        sets["random-baseline"] = random_subset(real, synthetic.ipc, seed)
+        sets["random-baseline"] = random_subset(data.train(), synthetic.ipc, seed)  # the protocol's copy too
     settings, speed = protocol.settings(), protocol.speed_settings(device)
     digests = {kind: content_digest({"images": t.images.cpu(), "labels": t.labels.cpu()}) for kind, t in sets.items()}
     report = _Report(run, {"run": str(run.path), "dataset": config["dataset"], "method": config["method"],
@@ -127,7 +127,7 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
     for done, ((model, kind), run_ids) in enumerate(calls.items()):
         on_job(done, len(calls), f"{model} / {kind}")
         got = list(protocol.evaluate(builder(model, synthetic.spec), sets[kind], test, synthetic.spec, run_ids, seed,
-                                     device))
+                                     device, data=data))
         if len(got) != len(run_ids):
             raise UsageError(f"protocol {protocol.name!r} returned {len(got)} accuracies for {len(run_ids)} runs")
         accuracy.update({(model, kind, r): float(a) for r, a in zip(run_ids, got)})

@@ -1,8 +1,13 @@
 """Every hook a distillkit plugin can implement.
 
 Each hook receives one argument, ``register``, a callable
-``register(name, factory)``. The factory is called with keyword options when a
-run asks for ``name``; what it must return depends on the kind:
+``register(name, factory)``. The factory is called with the arguments its
+interface names (:mod:`distillkit.interfaces`: e.g. ``spec, seed, device``
+for samplers, plus ``data``, a :class:`~distillkit.interfaces.DataContext`,
+when the factory declares it) and the user's keyword options (``--set``)
+when a run asks for ``name``; protocols are the exception, their options go
+through ``EvalProtocol.with_overrides``. What the factory returns depends on
+the kind:
 
 =========================  ==================================================
 hook                       factory returns

@@ -76,9 +76,15 @@ class DatasetSpec:
 
 
 class RealImages(_Protocol):
-    """Real training images, normalised, on the run's device (see :class:`distillkit.data.RealData`)."""
+    """Real training images, normalised, on the run's device (see :class:`distillkit.data.RealData`).
+
+    Rows are the split's rows: ``labels[i]`` is the class of row ``i`` and ``gather(rows)`` its images, so a
+    component that trains a network draws random rows over all classes and gathers one batch.
+    """
 
     spec: ImageSpec
+    #: the class of every row of the split, int64 on the host
+    labels: Tensor
 
     def class_images(self, label: int) -> Tensor:
         """All images of class ``label`` in dataset order, ``(n_c, c, H, W)``."""
@@ -86,12 +92,65 @@ class RealImages(_Protocol):
     def sample(self, label: int, n: int, generator: torch.Generator) -> Tensor:
         """``n`` distinct random images of class ``label`` drawn with ``generator``."""
 
+    def gather(self, rows: Tensor) -> Tensor:
+        """Images of split rows ``rows`` (int64), normalised, on the device: ``(len(rows), c, H, W)``."""
+
+
+class DataContext:
+    """The run's real data, for components that need more than the image spec: a sampler that trains its
+    extractors on real images (IDM), a protocol's teacher, a parameterization initialised from statistics.
+
+    The host builds one per command and hands it to every factory that declares a ``data`` parameter
+    (samplers, parameterizations) and to :meth:`EvalProtocol.evaluate`, so a component never reloads a
+    dataset itself: ``--data-root`` and ``--set dataset.OPTION=VALUE`` reach it as they reach the host.
+
+    * ``dataset``: the :class:`DatasetSpec` as built from ``--dataset`` and its options;
+    * ``options``: those options (``--set dataset.*``), as recorded in the run's config;
+    * ``root``: the resolved data root, absolute;
+    * ``device``: where :meth:`train` gathers images.
+
+    :meth:`train` is the **full** training split, every class, even on a torchrun rank that optimises only
+    some (a trained extractor needs them all); it is loaded on first use and then shared (the host's own
+    random baseline uses the same copy). Whatever a component trains from it must be a pure function of
+    ``(seed, keys)`` drawn through :mod:`distillkit.seeding`, or be saved in checkpoints (see
+    :class:`Stateful`), so runs resume and shard exactly.
+    """
+
+    def __init__(self, dataset: DatasetSpec, options: Mapping[str, Any], root: Path, device: torch.device,
+                 load_train: Callable[[], RealImages]) -> None:
+        self.dataset, self.options, self.root, self.device = dataset, dict(options), Path(root), device
+        self._load_train = load_train
+        self._train: RealImages | None = None
+
+    @property
+    def spec(self) -> ImageSpec:
+        return self.dataset.image_spec
+
+    def train(self) -> RealImages:
+        """The full training split (loaded once, on the first call)."""
+        if self._train is None:
+            self._train = self._load_train()
+        return self._train
+
+
+@runtime_checkable
+class Stateful(_Protocol):
+    """A sampler or objective whose state changes as the run goes (an extractor trained a little every
+    iteration, a learnt sampling network): the host saves :meth:`state_dict` in every checkpoint and calls
+    :meth:`load_state_dict` on resume. A component without these methods must be a pure function of
+    ``(seed, iteration)``. The state must hold everything, optimizer moments included, for a resumed run
+    to be bit-identical."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
 
 @runtime_checkable
 class Objective(_Protocol):
     """Loss between real and synthetic features, batched over a block of classes.
 
-    Factory: ``factory(**options) -> Objective``.
+    Factory: ``factory(**options) -> Objective``. An objective may be :class:`Stateful`.
     ``real`` has shape ``(K, n_r, d)`` and carries no gradient; ``syn`` has shape
     ``(K, n_s, d)``. Returns the per-class losses, shape ``(K,)``; the loop sums them.
     """
@@ -103,7 +162,8 @@ class Objective(_Protocol):
 class Parameterization(_Protocol):
     """Owns the learnable tensors of a synthetic set (the shape of IDC's Synthesizer).
 
-    Factory: ``factory(spec: ImageSpec, ipc: int, device: torch.device, **options)``.
+    Factory: ``factory(spec: ImageSpec, ipc: int, device: torch.device, **options)``, plus
+    ``data`` (a :class:`DataContext`) if the factory declares that parameter.
     ``ipc`` counts *stored* images per class; :attr:`images_per_class` counts decoded ones.
     """
 
@@ -139,13 +199,17 @@ class Parameterization(_Protocol):
 class Sampler(_Protocol):
     """Provides the feature extractor of each iteration.
 
-    Factory: ``factory(spec: ImageSpec, seed: int, device: torch.device, **options)``.
-    The extractor maps normalised images ``(N, c, H, W)`` to features ``(N, d)``. It must
-    be a pure function of ``(seed, iteration)`` so runs resume and shard exactly;
-    :func:`distillkit.models.random_embedder` builds such networks.
+    Factory: ``factory(spec: ImageSpec, seed: int, device: torch.device, **options)``, plus
+    ``data`` (a :class:`DataContext`: the real training split, e.g. to train extractors) if the factory
+    declares that parameter. The extractor maps normalised images ``(N, c, H, W)`` to features
+    ``(N, d)``. It must be a pure function of ``(seed, iteration)``, or :class:`Stateful`, so runs resume
+    and shard exactly; :func:`distillkit.models.random_embedder` builds such networks.
     """
 
-    def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]: ...
+    def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]:
+        """The network of ``iteration``. The host may ask more than once for one iteration (its preflight
+        embeds two images before the loop starts) and must get the same network each time, so a
+        :class:`Stateful` sampler advances its state once per iteration, not once per call."""
 
     def redraws_at(self, iteration: int) -> bool:
         """True when ``iteration`` gets a new extractor (for logs and tests)."""
@@ -178,7 +242,12 @@ class ModelBuilder:
 class EvalProtocol(_Protocol):
     """Trains evaluator models on a synthetic set and tests them on real data.
 
-    Registered as an instance (or a factory returning one); the host calls exactly these members.
+    Registered as an instance, or as a factory the host calls with no arguments. Its options never go
+    through the factory: the host applies them with :meth:`with_overrides`, from ``distillkit evaluate
+    --set protocol.OPTION=VALUE`` and from the shortcuts ``--epochs`` (``epochs``), ``--test-limit``
+    (``test_limit``), ``--stacked`` and ``--compile``. The host calls exactly these members, in this
+    order: :meth:`with_overrides`, :meth:`for_dataset`, :meth:`settings` and :meth:`speed_settings`, then
+    :meth:`evaluate` once per (model, training set).
     """
 
     name: str
@@ -195,18 +264,19 @@ class EvalProtocol(_Protocol):
         flips on MNIST); ``self`` where nothing depends on the dataset. Its :meth:`settings` are recorded."""
 
     def with_overrides(self, **overrides: Any) -> "EvalProtocol":
-        """A copy with some settings replaced (``--epochs``, ``--test-limit``, ``--stacked``, ``--compile``);
-        ``None`` values mean "keep"; an unknown or invalid setting is a :class:`~distillkit.errors.UsageError`."""
+        """A copy with some options replaced; ``None`` values mean "keep". An unknown option or an invalid
+        value is a :class:`~distillkit.errors.UsageError` naming it and the choices."""
 
     def evaluate(
         self, model: ModelBuilder, train: TrainingSet, test: TrainingSet, spec: ImageSpec, run_ids: Sequence[int],
-        seed: int, device: torch.device,
+        seed: int, device: torch.device, data: DataContext,
     ) -> list[float]:
         """Test accuracy (0-100) of a freshly trained ``model()`` network per run in ``run_ids``, in that order.
 
         Run ``r`` must depend only on ``(seed, model.name, r)``, never on which other runs share the
         call: that is what lets ``evaluate`` spread runs over torchrun ranks and still write the
-        numbers of a single process.
+        numbers of a single process. ``data`` is the dataset's :class:`DataContext` (its full training
+        split, e.g. for a soft-label teacher).
         """
 
 

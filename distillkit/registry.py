@@ -16,6 +16,7 @@ import difflib
 import fnmatch
 import importlib.metadata
 import importlib.util
+import inspect
 import os
 import sys
 import traceback
@@ -97,20 +98,28 @@ class Registry:
             return ""
         return f" (plugins that failed to load: {', '.join(sorted(self.failed))}; see `distillkit plugins`)"
 
-    def create(self, name: str, **options: Any) -> Any:
+    def create(self, name: str, host: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        """Call ``name``'s factory with the ``host`` arguments (spec, device, ...) and the user's ``options``.
+
+        Any exception from the factory becomes one :class:`UsageError` line naming the component, its plugin
+        and the user's options (the host arguments are the interface's, not the user's to fix)."""
         entry = self.get(name)
         factory = entry.factory
         if not callable(factory):  # methods and protocols may register instances
             if options:
                 raise UsageError(f"{self.singular} {name!r} takes no options, got {sorted(options)}")
             return factory
+        reserved = sorted(set(options) & set(host or {}))
+        if reserved:
+            raise UsageError(f"{self.singular} {name!r}: option {reserved[0]!r} is passed by distillkit itself and "
+                             f"cannot be set")
         try:
-            return factory(**options)
+            return factory(**(host or {}), **options)
         except UsageError:
             raise
         except Exception as exc:  # a factory's own validation (ValueError, TypeError, ...) is the user's to fix
             message = " ".join(str(exc).split())[:300]
-            raise UsageError(f"{self.singular} {name!r} (plugin {entry.plugin!r}) refused options {options}: "
+            raise UsageError(f"{self.singular} {name!r} (plugin {entry.plugin!r}) could not be built with options {options}: "
                              f"{type(exc).__name__}: {message}") from exc
 
     def match(self, patterns: Iterable[str]) -> list[str]:
@@ -324,6 +333,16 @@ def plugins() -> Plugins:
     return _current if _current is not None else load_plugins(os.environ.get("DISTILLKIT_PLUGINS_DIR") or None)
 
 
-def create(kind: str, name: str, **options: Any) -> Any:
-    """Build the component ``name`` of ``kind`` with ``options``: the one way the core makes components."""
-    return plugins()[kind].create(name, **options)
+def create(kind: str, name: str, host: Mapping[str, Any] | None = None, **options: Any) -> Any:
+    """Build the component ``name`` of ``kind`` with the ``host`` arguments its interface names and the user's
+    ``options``: the one way the core makes components."""
+    return plugins()[kind].create(name, host, **options)
+
+
+def declares(factory: Callable[..., Any], parameter: str) -> bool:
+    """Whether ``factory`` (a function or class) names ``parameter`` in its signature (``**kwargs`` does not
+    count: the host passes optional arguments such as ``data`` only to factories that ask for them)."""
+    try:
+        return parameter in inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False

@@ -26,7 +26,7 @@ from distillkit import registry
 from distillkit.artifact import CHECKPOINT_FORMAT, FORMAT_VERSION, atomic_save, atomic_write_json, save_synthetic
 from distillkit.condense import STREAMS, Condenser
 from distillkit.config import RunConfig
-from distillkit.data import load_split
+from distillkit.data import data_context, load_split
 from distillkit.devices import device_for_rank, set_deterministic
 from distillkit.distributed import World, any_across, sum_across, world as join_world
 from distillkit.errors import NonFiniteLossError
@@ -190,7 +190,8 @@ def _distill_locked(cfg: RunConfig, run: RunDir, world: World, device: torch.dev
     dataset = registry.create("datasets", cfg.dataset, **cfg.dataset_options)
     real = load_split(dataset, data_root, train=True, device="cpu")
     owned = world.owned(real.spec.num_classes)
-    condenser = Condenser(cfg, real.restricted(owned, device), device, owned, world)
+    data = data_context(dataset, cfg.dataset_options, data_root, device, train=real)  # every class, every rank
+    condenser = Condenser(cfg, real.restricted(owned, device), device, owned, world, data)
     state = run.resume_state(cfg) if resume else None
     if state is not None:
         condenser.load_state_dict(state)

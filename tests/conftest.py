@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # other folders or link data files must see the same absolute one.
 DATA = Path(os.environ.get("DISTILLKIT_DATA") or ROOT.parent / "shared" / "data").expanduser().resolve()
 os.environ["DISTILLKIT_DATA"] = str(DATA)
+#: third-party-style plugins the tests load with ``--plugins-dir`` (a protocol and a trained sampler)
+TEST_PLUGINS = ROOT / "tests" / "plugins"
 
 
 def pytest_sessionstart(session):

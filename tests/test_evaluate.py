@@ -20,7 +20,8 @@ from distillkit.interfaces import TrainingSet
 from distillkit.seeding import seeded
 from distillkit.models import builder, create_model
 
-from tests.conftest import DATA, run_cli
+from distillkit.data import load_split
+from tests.conftest import DATA, TEST_PLUGINS, refused, run_cli
 
 FALLBACK = "runs train one by one"
 
@@ -230,58 +231,42 @@ def test_cli_evaluate_globs_models_records_settings_and_baselines(tiny_dm_run, t
     assert len(json.loads((run_dir / "eval.json").read_text())["results"]) == 8
 
 
-NEAREST_MEAN = '''
-import torch
-from distillkit import hookimpl
-from distillkit.errors import UsageError
-
-
-class NearestMean:
-    """Classify test images by the nearest class mean of the synthetic images (pixel space): no training."""
-
-    name = "nearest-mean"
-
-    def settings(self):
-        return {"space": "pixels", "metric": "euclidean"}
-
-    def speed_settings(self, device):
-        return {}
-
-    def for_dataset(self, dataset):
-        return self
-
-    def with_overrides(self, **overrides):
-        raise UsageError(f"nearest-mean has no settings to override (given {sorted(overrides)})")
-
-    def evaluate(self, model, train, test, spec, run_ids, seed, device):
-        means = torch.stack([train.images[train.labels == c].mean(0) for c in range(spec.num_classes)]).flatten(1)
-        guess = torch.cdist(test.images.flatten(1), means).argmin(1)
-        return [float((guess == test.labels).double().mean() * 100)] * len(run_ids)
-
-
-@hookimpl
-def register_protocols(register):
-    register("nearest-mean", NearestMean())
-'''
-
-
 def test_a_third_party_protocol_plugs_in(tiny_dm_run, tmp_path):
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "ncm.py").write_text(NEAREST_MEAN)
     run_dir = tmp_path / "run"
-
     shutil.copytree(tiny_dm_run, run_dir)
-    listed = run_cli("--plugins-dir", plugins, "list", "protocols").output
-    assert "nearest-mean" in listed and "ncm" in listed
-    run_cli("--plugins-dir", plugins, "evaluate", run_dir, "--protocol", "nearest-mean", "--runs", "2",
+    listed = run_cli("--plugins-dir", TEST_PLUGINS, "list", "protocols").output
+    assert "nearest-mean" in listed
+    run_cli("--plugins-dir", TEST_PLUGINS, "evaluate", run_dir, "--protocol", "nearest-mean", "--runs", "2",
             "--device", "cpu")
     rows = json.loads((Path(run_dir) / "eval.json").read_text())["results"]
     assert {r["kind"] for r in rows} == {"synthetic", "random-baseline"}
     for row in rows:
-        assert row["protocol"] == "nearest-mean" and row["protocol_settings"] == {"space": "pixels",
-                                                                                   "metric": "euclidean"}
+        assert row["protocol"] == "nearest-mean" and row["protocol_settings"] == {
+            "space": "pixels", "metric": "euclidean", "means_from": "synthetic"}
         assert row["speed_settings"] == {} and len(row["accuracies"]) == 2 and row["mean"] > 10  # above chance
+
+
+def test_evaluate_set_reaches_the_protocol_and_the_protocol_sees_the_training_split(tiny_dm_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_dm_run, run_dir)
+    evaluate = ("--plugins-dir", TEST_PLUGINS, "evaluate", run_dir, "--protocol", "nearest-mean", "--runs", "1",
+                "--device", "cpu", "--no-baseline")
+    run_cli(*evaluate, "--set", "protocol.metric=cosine", "--set", "protocol.means_from=train")
+    row, = json.loads((run_dir / "eval.json").read_text())["results"]
+    assert row["protocol_settings"] == {"space": "pixels", "metric": "cosine", "means_from": "train"}
+    # the class means of the whole real split (the data context's, not the synthetic set's) classify the
+    # test images as the same means computed here do
+    spec = registry.create("datasets", "mnist")
+    real, test = (load_split(spec, DATA, train=t) for t in (True, False))
+    test = test.as_training_set()
+    means = torch.nn.functional.normalize(
+        torch.stack([real.class_images(c).mean(0) for c in range(10)]).flatten(1), dim=1)
+    guess = (torch.nn.functional.normalize(test.images.flatten(1), dim=1) @ means.T).argmax(1)
+    assert row["mean"] == pytest.approx(float((guess == test.labels).double().mean() * 100))
+    refused(*evaluate, "--set", "protocol.colour=red", says="nearest-mean has no option 'colour'; choose from")
+    refused(*evaluate, "--set", "protocol.metric=manhattan", says="unknown metric 'manhattan'; choose one of")
+    refused(*evaluate, "--set", "objective.kernel=linear", says="unknown component 'objective'; choose one of: "
+                                                               "protocol")
 
 
 def test_protocols_count_epochs_and_milestones_as_their_references():

@@ -209,6 +209,38 @@ def test_broken_plugins_are_reported_with_their_errors(plugins_dir):
     assert table.count("error:") == 4 and "RuntimeError" in table
     debug = run_cli("--debug", "--plugins-dir", plugins_dir, "plugins").output
     assert "Traceback (most recent call last)" in debug and "{}['missing']" in debug
+    # not on a terminal (CliRunner, a pipe): rows are never wrapped, each error stays on one line
+    assert any("RuntimeError: cannot find [weights] on this machine (import_error.py:1)" in line
+               for line in table.splitlines())
+    # --strict is for CI: the same table, then exit 1 naming the failed plugins
+    strict = run_cli("--plugins-dir", plugins_dir, "plugins", "--strict", expect=1)
+    assert strict.stderr.strip().startswith("Error: 4 plugin(s) failed to load: dm (")
+    assert "hook_error" in strict.stderr and "import_error" in strict.stderr
+    run_cli("plugins", "--strict")  # the built-ins alone load cleanly
+
+
+def test_describe_prints_the_docs_and_options_of_every_builtin_component():
+    from distillkit.catalog import describe
+
+    plugins = registry.plugins()
+    for kind in registry.KINDS:
+        for name in plugins[kind].names():
+            text = run_cli("describe", kind, name).output
+            assert f"{kind[:-1]} {name} (plugin " in text and "(no docstring)" not in text, (kind, name, text)
+            for option in describe(kind, name).options:
+                assert option.name in text and option.default in text
+    sampler = run_cli("describe", "samplers", "random-encoder").output
+    assert "redrawn every ``period`` iterations" in sampler and "--set sampler.OPTION=VALUE" in sampler
+    assert [(o.name, o.type, o.default) for o in describe("samplers", "random-encoder").options] == [
+        ("model", "str", "'convnet3'"), ("period", "int", "5")]  # spec, seed, device, data: the host's
+    folder = {o.name: o.default for o in describe("datasets", "imagefolder").options}
+    assert folder == {"path": "required", "size": "32", "channels": "3"}
+    protocol = {o.name: o.default for o in describe("protocols", "dc-classic").options}
+    assert protocol["epochs"] == "1000" and protocol["op_per"] == "'batch'"
+    assert "distillkit evaluate --set protocol.OPTION=VALUE" in run_cli("describe", "protocols", "idc").output
+    assert {o.name for o in describe("methods", "m3d").options} >= {"lr_img", "iterations", "sampler_options"}
+    result = run_cli("describe", "samplers", "random-encodr", expect=2)
+    assert "unknown sampler 'random-encodr'; choose one of: " in result.stderr
 
 
 def test_the_rest_still_work_beside_broken_plugins(plugins_dir, tmp_path):

@@ -26,9 +26,8 @@ import torch
 from distillkit import artifact
 from distillkit.artifact import ARTIFACT_FORMAT, CHECKPOINT_FORMAT, safe_load
 from distillkit.config import RunConfig
-from distillkit.errors import UsageError
 from distillkit.rundir import LOCK, RunDir
-from tests.conftest import DATA, ROOT, refused, run_cli, snapshot
+from tests.conftest import DATA, ROOT, TEST_PLUGINS, refused, run_cli, snapshot
 
 TINY = ("--dataset", "mnist", "--ipc", "1", "--batch-real", "8", "--iterations", "2", "--device", "cpu",
         "--set", "sampler.model=convnet3_w32")
@@ -268,60 +267,15 @@ def test_show_writes_its_default_picture_once_then_asks_for_overwrite(tiny_dm_ru
 
 # -- evaluate: output checked first, every finished model kept -------------------------------
 
-LOGGED_NEAREST_MEAN = '''
-import os
-
-import torch
-from distillkit import hookimpl
-from distillkit.errors import UsageError
-
-
-class LoggedNearestMean:
-    """Nearest class mean in pixel space (trains nothing). Appends the model of every call to the file
-    $DISTILLKIT_TEST_CALLS, and stands in for Ctrl-C (KeyboardInterrupt) when called for the model
-    named by $DISTILLKIT_TEST_INTERRUPT_AT."""
-
-    name = "logged-nearest-mean"
-
-    def settings(self):
-        return {"space": "pixels", "metric": "euclidean"}
-
-    def speed_settings(self, device):
-        return {}
-
-    def for_dataset(self, dataset):
-        return self
-
-    def with_overrides(self, **overrides):
-        raise UsageError(f"logged-nearest-mean has no settings to override (given {sorted(overrides)})")
-
-    def evaluate(self, model, train, test, spec, run_ids, seed, device):
-        if model.name == os.environ.get("DISTILLKIT_TEST_INTERRUPT_AT"):
-            raise KeyboardInterrupt
-        with open(os.environ["DISTILLKIT_TEST_CALLS"], "a") as log:
-            log.write(model.name + "\\n")
-        means = torch.stack([train.images[train.labels == c].mean(0) for c in range(spec.num_classes)]).flatten(1)
-        guess = torch.cdist(test.images.flatten(1), means).argmin(1)
-        return [float((guess == test.labels).double().mean() * 100)] * len(run_ids)
-
-
-@hookimpl
-def register_protocols(register):
-    register("logged-nearest-mean", LoggedNearestMean())
-'''
-
-
 @pytest.fixture
 def logged(tmp_path: Path, monkeypatch):
     """``evaluate`` with a protocol that logs its calls: ``logged(run_dir, *flags)``, then ``logged.calls()``."""
-    plugins = tmp_path / "plugins"
-    plugins.mkdir()
-    (plugins / "logged.py").write_text(LOGGED_NEAREST_MEAN)
+    plugins = TEST_PLUGINS
     calls = tmp_path / "calls.txt"
     monkeypatch.setenv("DISTILLKIT_TEST_CALLS", str(calls))
 
     def evaluate(run_dir: Path, *flags: str, expect: int | None = 0, models: str = "convnet3_w32"):
-        return run_cli("--plugins-dir", plugins, "evaluate", run_dir, "--protocol", "logged-nearest-mean",
+        return run_cli("--plugins-dir", plugins, "evaluate", run_dir, "--protocol", "nearest-mean",
                        "--runs", "2", "--device", "cpu", "--models", models, *flags, expect=expect)
 
     evaluate.plugins = plugins
@@ -339,14 +293,14 @@ def test_evaluate_refuses_a_damaged_eval_json_before_training(tiny_dm_run: Path,
     run_dir = _copy(tiny_dm_run, tmp_path)
     RunDir(run_dir).eval_json.write_text(damage)
     before = snapshot(run_dir)
-    refused("--plugins-dir", logged.plugins, "evaluate", run_dir, "--protocol", "logged-nearest-mean",
+    refused("--plugins-dir", logged.plugins, "evaluate", run_dir, "--protocol", "nearest-mean",
             "--device", "cpu", says=(f"{RunDir(run_dir).eval_json} is damaged", "it is not replaced"))
     assert logged.calls() == [] and snapshot(run_dir) == before
 
 
 def test_evaluate_given_the_artifact_file_names_the_run_directory(existing: Path, logged):
     refused("--plugins-dir", logged.plugins, "evaluate", existing / "synthetic.pt", "--protocol",
-            "logged-nearest-mean", "--device", "cpu",
+            "nearest-mean", "--device", "cpu",
             says=(f"{existing / 'synthetic.pt'} is a file", f"give the run directory {existing}, not the file"))
     assert logged.calls() == []
 
@@ -380,7 +334,7 @@ def test_evaluate_refuses_a_read_only_run_directory_before_training(tiny_dm_run:
 
             monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
         before = snapshot(run_dir)
-        refused("--plugins-dir", logged.plugins, "evaluate", run_dir, "--protocol", "logged-nearest-mean",
+        refused("--plugins-dir", logged.plugins, "evaluate", run_dir, "--protocol", "nearest-mean",
                 "--device", "cpu", says=(f"cannot write results into {run_dir} (Read-only file system)",
                                          "evaluate a copy of the run in a writable place"))
         assert logged.calls() == [] and snapshot(run_dir) == before
