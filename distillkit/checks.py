@@ -19,6 +19,7 @@ from torch import Tensor
 from distillkit import registry
 from distillkit.config import RunConfig
 from distillkit.errors import ComponentError, UsageError
+from distillkit.features import describe_shape, shape_problem
 from distillkit.interfaces import ImageSpec
 
 #: the config field naming each kind's component, and its registry kind
@@ -83,9 +84,10 @@ class OutputChecks:
         def checked(images: Tensor) -> Tensor:
             with self.blame("sampler", "the extractor's forward"):
                 features = extract(images)
-            if not isinstance(features, Tensor) or features.dim() != 2 or len(features) != len(images):
-                self._refuse("sampler", "the extractor's forward", f"({len(images)}, d) features for "
-                             f"{len(images)} images", features)
+            if shape_problem(features, len(images)) is not None:
+                raise ComponentError(f"{self.labels['sampler']} returned {describe_shape(features)} from the "
+                                     f"extractor's forward; expected ({len(images)}, d) features for {len(images)} "
+                                     f"images, or named tensors of {len(images)} rows each")
             return features
 
         return checked

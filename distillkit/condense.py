@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -44,6 +44,7 @@ from distillkit.checks import OutputChecks
 from distillkit.data import RealData, data_context, resolve_root
 from distillkit.distributed import World, merge_state
 from distillkit.errors import ComponentError, UsageError
+from distillkit.features import Features, any_tensor, cat_features, map_features, per_class
 from distillkit.interfaces import DataContext, ImageSpec, Objective, Parameterization, Sampler, Stateful
 from distillkit.seeding import generator
 
@@ -99,6 +100,7 @@ class Condenser:
         self.objective, self.param, self.sampler, self.augment = build_components(
             self.cfg, self.real.spec, self.device, self.data)
         self.checks = OutputChecks(self.cfg, self.real.spec)
+        self._objective_takes_classes = registry.declares(self.objective, "classes")
         num_classes = self.real.spec.num_classes
         self.classes = list(range(num_classes)) if self.owned is None else sorted(self.owned)
         smallest = min(self.real.split_counts)
@@ -157,9 +159,10 @@ class Condenser:
         with torch.no_grad():
             with checks.blame("parameterization", "decode"):
                 syn = checks.decoded(self.param.decode(self.classes[:1]), 1, self.param.images_per_class)
-            features = extract(syn.flatten(0, 1)).unsqueeze(0)
+            features = per_class(extract(syn.flatten(0, 1)), 1, syn.shape[1])
             with checks.blame("objective", "__call__"):
-                checks.losses(self.objective(real.unsqueeze(0), features), 1, finite=False)
+                checks.losses(self.objective(per_class(real, 1, 2), features, **self._class_ids(self.classes[:1])),
+                              1, finite=False)
 
     def load_state_dict(self, state: dict) -> None:
         self.param.load_state_dict(state["parameterization"])
@@ -224,14 +227,14 @@ class Condenser:
                 group, geometric = self._groups(drawn, start, len(part), n_r)
                 pieces.append(self._features(extract, self.augment.apply(real, params, group, geometric),
                                              self.forward_batch))
-            real_features = torch.cat(pieces).view(len(classes), n_r, -1)
+            real_features = per_class(cat_features(pieces), len(classes), n_r)
 
         if self.cfg.step == "class":
             self._move_to_class_steps()
         # synthetic side in the same chunks: class losses are independent and a class's gradient reaches only
         # its own rows, so the backward of each chunk adds up to the one of all classes (all: one chunk)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = real_features.new_zeros(())
+        loss = any_tensor(real_features).new_zeros(())
         for start in range(0, len(classes), chunk):
             part = classes[start:start + chunk]
             with checks.blame("parameterization", "decode"):
@@ -240,9 +243,10 @@ class Condenser:
             k, n_s = syn.shape[:2]
             group, geometric = self._groups(drawn, start, k, n_s)
             syn = self.augment.apply(syn.flatten(0, 1), params, group, geometric)
-            features = self._features(extract, syn, self.forward_batch).view(k, n_s, -1)
+            features = per_class(self._features(extract, syn, self.forward_batch), k, n_s)
+            block = map_features(lambda t: t[start:start + k], real_features)
             with checks.blame("objective", "__call__"):
-                part_loss = checks.losses(self.objective(real_features[start:start + k], features), k,
+                part_loss = checks.losses(self.objective(block, features, **self._class_ids(part)), k,
                                           finite=True).sum()
             part_loss.backward()
             loss = loss + part_loss.detach()
@@ -314,14 +318,23 @@ class Condenser:
             probe = self.real.images[:4]
             extract = self.sampler.extractor(self.iteration)
             with torch.no_grad():
-                together, apart = extract(probe), torch.cat([extract(x) for x in probe.split(2)])
-            independent = torch.allclose(together, apart, rtol=1e-4, atol=1e-5)
+                together, apart = extract(probe), cat_features([extract(x) for x in probe.split(2)])
+            pairs = ([(together[n], apart[n]) for n in together] if isinstance(together, Mapping)
+                     else [(together, apart)])
+            independent = all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in pairs)
         return devices.default_forward_batch(self.device, spec.height, spec.width, independent)
 
-    def _features(self, extract: Callable[[Tensor], Tensor], images: Tensor, batch: int | None = None) -> Tensor:
+    def _features(self, extract: Callable[[Tensor], Features], images: Tensor, batch: int | None = None
+                  ) -> Features:
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
             if batch is None or len(images) <= batch:
-                return extract(images).float()
-            return torch.cat([extract(x) for x in images.split(batch)]).float()
+                return map_features(Tensor.float, extract(images))
+            return map_features(Tensor.float, cat_features([extract(x) for x in images.split(batch)]))
+
+    def _class_ids(self, part: Sequence[int]) -> dict[str, Tensor]:
+        """``{"classes": (K,) int64 ids}`` for an objective that declares ``classes`` (a cached constant)."""
+        if not self._objective_takes_classes:
+            return {}
+        return {"classes": devices.constant(tuple(part), torch.long, self.device)}

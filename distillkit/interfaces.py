@@ -152,7 +152,10 @@ class Objective(_Protocol):
 
     Factory: ``factory(**options) -> Objective``. An objective may be :class:`Stateful`.
     ``real`` has shape ``(K, n_r, d)`` and carries no gradient; ``syn`` has shape
-    ``(K, n_s, d)``. Returns the per-class losses, shape ``(K,)``; the loop sums them.
+    ``(K, n_s, d)``. Where the extractor returns named features (see :class:`Sampler`), both are
+    mappings ``{name: (K, n, ...)}``. An objective whose ``__call__`` declares a ``classes``
+    parameter also receives the block's class ids, ``(K,)`` int64 on the device (for a
+    classification term). Returns the per-class losses, shape ``(K,)``; the loop sums them.
     """
 
     def __call__(self, real: Tensor, syn: Tensor) -> Tensor: ...
@@ -202,7 +205,8 @@ class Sampler(_Protocol):
     Factory: ``factory(spec: ImageSpec, seed: int, device: torch.device, **options)``, plus
     ``data`` (a :class:`DataContext`: the real training split, e.g. to train extractors) if the factory
     declares that parameter. The extractor maps normalised images ``(N, c, H, W)`` to features
-    ``(N, d)``. It must be a pure function of ``(seed, iteration)``, or :class:`Stateful`, so runs resume
+    ``(N, d)``, or to named features ``{name: (N, ...)}`` (several layers, an embedding and logits)
+    for an objective that consumes them (:mod:`distillkit.features`). It must be a pure function of ``(seed, iteration)``, or :class:`Stateful`, so runs resume
     and shard exactly; :func:`distillkit.models.random_embedder` builds such networks.
     """
 

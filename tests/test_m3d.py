@@ -185,6 +185,25 @@ def test_factor_projects_into_pixel_space_and_round_trips_its_state(mnist):
         factor(mnist.spec, 1, factor=0)
 
 
+def test_factor_in_normalized_space_decodes_the_same_images_and_is_never_clamped(mnist):
+    """IDM's partitioning and expansion: the same tiles stored as normalised values, no clamp."""
+    pixels, normalized = factor(mnist.spec, 2, init="real"), factor(mnist.spec, 2, init="real", space="normalized")
+    pixels.init(mnist, generator(3, "init"))
+    normalized.init(mnist, generator(3, "init"))
+    assert torch.allclose(normalized.decode(range(10)), pixels.decode(range(10)), atol=1e-5)
+    assert torch.allclose(normalized.stored(), pixels.stored(), atol=1e-5)
+    with torch.no_grad():
+        normalized.images.mul_(10)
+    before = normalized.images.detach().clone()
+    normalized.project()
+    assert torch.equal(normalized.images, before) and before.max() > mnist.spec.normalize(torch.ones(1, 1, 1)).max()
+    bilinear = factor(mnist.spec, 2, init="real", resize="bilinear")
+    bilinear.init(mnist, generator(3, "init"))  # same real images, shrunk bilinearly instead of nearest
+    assert not torch.equal(bilinear.images, pixels.images)
+    with pytest.raises(UsageError, match="unknown factor space 'rgb'; choose one of: pixels, normalized"):
+        factor(mnist.spec, 2, space="rgb")
+
+
 # -- the random-encoder sampler -------------------------------------------------
 
 def sampler(spec: ImageSpec, seed: int, **options) -> Sampler:

@@ -157,16 +157,32 @@ class FactorParameterization:
     point, which "mix" overwrites entirely, so "mix" does not draw it). Unlike
     the reference, tiles are written where :meth:`decode` reads them when the
     size is not a multiple of ``factor`` (the reference writes uneven tiles there).
+    ``resize``: how real images shrink to a tile, ``"nearest"`` (M3D) or
+    ``"bilinear"`` (IDM's ``downscale``).
+
+    ``space``: ``"pixels"`` (default, M3D) stores [0, 1] pixels, clamped; ``"normalized"``
+    (IDM's partitioning and expansion) stores normalised values, never clamped, and pads
+    uneven tiles with 0 (the mean). The same image is then the same set of values up to the
+    normalisation, but SGD steps differ: a learning rate ``lr`` in pixel space moves the
+    normalised values as ``lr / std**2`` would in normalised space.
     """
 
     INITS = ("mix", "real", "noise")
+    SPACES = ("pixels", "normalized")
+    RESIZES = ("nearest", "bilinear")
 
-    def __init__(self, spec: ImageSpec, ipc: int, device: torch.device, factor: int = 2, init: str = "mix") -> None:
+    def __init__(self, spec: ImageSpec, ipc: int, device: torch.device, factor: int = 2, init: str = "mix",
+                 space: str = "pixels", resize: str = "nearest") -> None:
         if not isinstance(factor, int) or not 1 <= factor <= min(spec.height, spec.width):
             raise UsageError(f"parameterization factor must be an integer from 1 to {min(spec.height, spec.width)}, "
                              f"got {factor!r}")
         if init not in self.INITS:
             raise UsageError(f"unknown factor init {init!r}; choose one of: {', '.join(self.INITS)}")
+        if space not in self.SPACES:
+            raise UsageError(f"unknown factor space {space!r}; choose one of: {', '.join(self.SPACES)}")
+        if resize not in self.RESIZES:
+            raise UsageError(f"unknown factor resize {resize!r}; choose one of: {', '.join(self.RESIZES)}")
+        self.space, self.resize = space, resize
         self.spec, self.ipc, self.factor, self.init_mode = spec, ipc, factor, init
         self.images_per_class = factor * factor * ipc
         self.tile = (math.ceil(spec.height / factor), math.ceil(spec.width / factor))
@@ -177,8 +193,8 @@ class FactorParameterization:
         f, ipc, (c, h, w) = self.factor, self.ipc, self.images.shape[1:]
         with torch.no_grad():
             if self.init_mode == "noise":
-                noise = torch.randn(self.images.shape, generator=generator) / 4 + 0.5
-                self.images.copy_(noise.clamp(0, 1))
+                noise = (torch.randn(self.images.shape, generator=generator) / 4 + 0.5).clamp(0, 1)
+                self.images.copy_(self._stored_space(noise.to(self.images.device)))
                 return
             n = self.images_per_class
             for k in range(self.spec.num_classes):
@@ -186,10 +202,14 @@ class FactorParameterization:
                 if len(chosen) < n:
                     raise UsageError(f"factor init needs {n} real images of class {k}, the dataset has {len(chosen)}")
                 pixels = self.spec.denormalize(chosen.to(self.images.device)).clamp(0, 1)
-                tiles = F.interpolate(pixels, size=self.tile, mode="nearest")  # (f*f*ipc, c, s_h, s_w), tile-major
+                smooth = {"align_corners": False} if self.resize == "bilinear" else {}
+                tiles = F.interpolate(pixels, size=self.tile, mode=self.resize, **smooth)  # (f*f*ipc, c, ...)
                 grid = tiles.view(f, f, ipc, c, *self.tile).permute(2, 3, 0, 4, 1, 5)  # (ipc, c, f, s_h, f, s_w)
                 full = grid.reshape(ipc, c, f * self.tile[0], f * self.tile[1])
-                self.images[k * ipc:(k + 1) * ipc] = full[..., :h, :w]
+                self.images[k * ipc:(k + 1) * ipc] = self._stored_space(full[..., :h, :w])
+
+    def _stored_space(self, pixels: Tensor) -> Tensor:
+        return pixels if self.space == "pixels" else self.spec.normalize(pixels)
 
     def parameters(self) -> list[Tensor]:
         return [self.images]
@@ -199,17 +219,20 @@ class FactorParameterization:
         index = devices.constant(tuple(classes), torch.long, self.images.device)  # built once per class list
         x = self.images.view(self.spec.num_classes, ipc, c, h, w)[index]
         k = x.shape[0]
-        x = F.pad(x.flatten(0, 1), (0, f * s_w - w, 0, f * s_h - h), value=0.5)
+        pixels = self.space == "pixels"
+        x = F.pad(x.flatten(0, 1), (0, f * s_w - w, 0, f * s_h - h), value=0.5 if pixels else 0.0)
         tiles = x.view(k, ipc, c, f, s_h, f, s_w).permute(0, 3, 5, 1, 2, 4, 6)  # (k, f, f, ipc, c, s_h, s_w)
         up = F.interpolate(tiles.reshape(-1, c, s_h, s_w), size=(h, w), mode="bilinear", align_corners=False)
-        return self.spec.normalize(up).view(k, self.images_per_class, c, h, w)
+        return (self.spec.normalize(up) if pixels else up).view(k, self.images_per_class, c, h, w)
 
     def stored(self) -> Tensor:
-        return self.spec.normalize(self.images.detach())
+        images = self.images.detach()
+        return self.spec.normalize(images) if self.space == "pixels" else images
 
     def project(self) -> None:
-        with torch.no_grad():
-            self.images.clamp_(0, 1)
+        if self.space == "pixels":
+            with torch.no_grad():
+                self.images.clamp_(0, 1)
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"images": self.images.detach()}

@@ -1,0 +1,150 @@
+"""IDM as a plugin: its loss on hand-made tensors, its queue of trained networks, and a run through the CLI
+that resumes after kill -9 and shards over torchrun to the single-process result, bit for bit."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distillkit import registry
+from distillkit.artifact import ARTIFACT_FORMAT, CHECKPOINT_FORMAT, safe_load
+from distillkit.data import data_context
+from distillkit.errors import UsageError
+from tests.conftest import DATA, refused, run_cli
+from tests.test_distributed import _env, _torchrun
+from tests.test_reliability import _spawn, _wait_for_log
+
+SMALL = ("--set", "sampler.model=convnet3_w32", "--set", "sampler.train_steps=2", "--set", "sampler.train_batch=32",
+         "--set", "sampler.push_every=2", "--set", "sampler.initial_nets=2")
+RUN = ("--method", "idm", "--dataset", "mnist", "--ipc", "1", "--batch-real", "8", "--device", "cpu", "--seed", "5",
+       "--log-every", "1", *SMALL)
+
+
+def _images(run_dir: Path) -> torch.Tensor:
+    return safe_load(run_dir / "synthetic.pt", ARTIFACT_FORMAT)["images"]
+
+
+# -- the loss ----------------------------------------------------------------------------------
+
+def test_the_idm_loss_is_the_mean_gap_plus_the_accuracy_weighted_cross_entropy():
+    idm = registry.create("objectives", "idm", ce_weight=0.5)
+    real = {"embedding": torch.tensor([[[1.0, 0.0], [3.0, 2.0]], [[0.0, 0.0], [0.0, 0.0]]])}
+    syn_embedding = torch.tensor([[[1.0, 1.0]], [[2.0, 0.0]]], requires_grad=True)
+    logits = torch.zeros(2, 1, 4, requires_grad=True)  # uniform over 4 classes: cross-entropy log 4
+    accuracy = torch.tensor([[[40.0]], [[0.0]]])  # percent; an untrained network contributes no CE
+    syn = {"embedding": syn_embedding, "logits": logits, "accuracy": accuracy}
+    loss = idm(real, syn, torch.tensor([2, 3]))
+    # class 0: means (2, 1) and (1, 1): gap 1, plus 0.5 * 40 * log 4; class 1: gap 4, no CE
+    assert torch.allclose(loss, torch.tensor([1 + 20 * math.log(4), 4.0]))
+    loss.sum().backward()
+    assert syn_embedding.grad.abs().sum() > 0 and logits.grad[0].abs().sum() > 0
+    assert logits.grad[1].abs().sum() == 0  # weight 0: the regulariser does not touch class 1
+    # ce_weight 0 is DM's objective exactly
+    dm = registry.create("objectives", "mean")
+    plain = registry.create("objectives", "idm", ce_weight=0)(real, syn, torch.tensor([2, 3]))
+    assert torch.equal(plain, dm(real["embedding"], syn_embedding))
+    with pytest.raises(UsageError, match="needs the named features embedding, logits and accuracy"):
+        idm(real["embedding"], syn_embedding, torch.tensor([2, 3]))
+    with pytest.raises(UsageError, match="ce_weight must be a number >= 0"):
+        registry.create("objectives", "idm", ce_weight=-1)
+
+
+# -- the queue ---------------------------------------------------------------------------------
+
+def _queue(**options):
+    spec = registry.create("datasets", "mnist")
+    data = data_context(spec, {}, DATA, "cpu")
+    options = {"model": "convnet3_w32", "train_steps": 2, "train_batch": 16, "push_every": 2, "initial_nets": 2,
+               "net_num": 3, "with_logits": True, **options}
+    return registry.create("samplers", "idm-queue", {"spec": spec.image_spec, "seed": 1, "device": "cpu",
+                                                     "data": data}, **options), data
+
+
+def _weights(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_the_queue_is_first_in_first_out_and_matches_a_network_before_its_training():
+    sampler, data = _queue()
+    sampler.extractor(0)  # pushes at 0: 2 initial networks + 1
+    assert [n.index for n in sampler.queue] == [0, 1, 2]
+    before = {n.index: _weights(n.module) for n in sampler.queue}
+    extract = sampler.extractor(1)  # no push at 1
+    matched = _weights(sampler._matching)
+    assert any(all(torch.equal(a, b) for a, b in zip(matched, w)) for w in before.values())  # untrained copy
+    trained = [i for i, n in enumerate(sampler.queue) if not all(torch.equal(a, b) for a, b in
+                                                                   zip(_weights(n.module), before[n.index]))]
+    assert len(trained) == 2  # train_nets networks took their steps
+    again = {n.index: _weights(n.module) for n in sampler.queue}
+    sampler.extractor(1)  # asked again for the same iteration: nothing moves
+    assert all(torch.equal(a, b) for n in sampler.queue for a, b in zip(_weights(n.module), again[n.index]))
+    sampler.extractor(2)
+    assert [n.index for n in sampler.queue] == [1, 2, 3]  # the oldest left, a new one came
+    images = data.train().gather(torch.arange(6))
+    out = extract(images)
+    assert set(out) == {"embedding", "logits", "accuracy"} and out["logits"].shape == (6, 10)
+    assert out["embedding"].shape == (6, 512) and 0 <= float(out["accuracy"][0]) <= 100
+    assert sampler.with_logits and not isinstance(_queue(with_logits=False)[0].extractor(0)(images), dict)
+
+
+def test_the_queue_state_round_trips_to_the_same_future():
+    a, data = _queue()
+    a.extractor(0)
+    a.extractor(1)
+    b, _ = _queue()
+    b.load_state_dict(a.state_dict())
+    images = data.train().gather(torch.arange(4))
+    for it in (2, 3):
+        out_a, out_b = a.extractor(it)(images), b.extractor(it)(images)
+        assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+    assert all(torch.equal(x, y) for n, m in zip(a.queue, b.queue) for x, y in zip(_weights(n.module),
+                                                                                  _weights(m.module)))
+
+
+# -- through the CLI ---------------------------------------------------------------------------
+
+def test_idm_runs_through_the_cli_and_its_options_are_checked(tmp_path: Path):
+    run_cli("distill", *RUN, "--iterations", "0", "--out", tmp_path / "start")
+    run_cli("distill", *RUN, "--iterations", "2", "--out", tmp_path / "run")
+    assert not torch.equal(_images(tmp_path / "run"), _images(tmp_path / "start"))  # the gradient moved the set
+    assert _images(tmp_path / "run").shape == (40, 1, 28, 28)  # 2 x 2 partitioning and expansion: 4 per image
+    refused("distill", *RUN, "--iterations", "1", "--set", "sampler.net_num=0", "--out", tmp_path / "bad",
+            says="idm-queue net_num must be a positive integer, got 0")
+    refused("distill", *RUN, "--iterations", "1", "--set", "sampler.with_logits=false", "--out", tmp_path / "bad",
+            says="objective 'idm' needs the named features embedding, logits and accuracy")
+
+
+def test_idm_resumes_bit_identically_after_sigkill_and_shards_to_the_single_process_set(tmp_path: Path):
+    args = (*RUN, "--iterations", "6", "--checkpoint-every", "2")
+    reference = tmp_path / "reference"
+    run_cli("distill", *args, "--out", reference)
+    queue = safe_load(reference / "checkpoint.pt", CHECKPOINT_FORMAT)["components"]["sampler"]["queue"]
+    assert [n["index"] for n in queue] == [0, 1, 2, 3, 4]  # 2 initial, pushes at 0, 2, 4
+
+    killed, stderr = tmp_path / "killed", tmp_path / "stderr"
+    proc = _spawn(stderr, *args, "--out", killed)
+    _wait_for_log(proc, killed, 3, stderr)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "synthetic.pt").exists(), "the run finished before the kill: the test proved nothing"
+    run_cli("distill", "--resume", killed)
+    assert torch.equal(_images(killed), _images(reference))
+    assert (killed / "losses.jsonl").read_text() == (reference / "losses.jsonl").read_text()
+
+    # two torchrun processes, each optimising 5 classes, each training the same queue from the full split
+    sharded = tmp_path / "sharded"
+    single = tmp_path / "single"
+    env = {**_env(), "DISTILLKIT_DATA": str(DATA)}
+    subprocess.run([sys.executable, "-m", "distillkit", "distill", *args, "--out", str(single)], check=True, env=env,
+                   capture_output=True)
+    done = subprocess.run(_torchrun("distill", *args, "--out", str(sharded)), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert torch.equal(_images(sharded), _images(single))
+    assert os.path.exists(sharded / "losses.jsonl")
