@@ -25,7 +25,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import RESULTS, device_label, print_table, provenance, write_report
+from benchmarks.common import RESULTS, device_label, print_table, provenance, with_earlier_rows, write_report
 from distillkit.cli import cli
 from distillkit.devices import resolve_device
 
@@ -121,16 +121,8 @@ def save(rows: list[dict], scale_name: str, scale: dict, device) -> Path:
     """Write this grid's rows, keeping the cells of an earlier grid at the same scale settings that this one
     did not run (so a grid can be completed piece by piece, each row keeping its own date)."""
     name = f"accuracy-{scale_name}"
-    key = lambda r: (r["dataset"], r["ipc"], r["method"], protocol_label(r))  # noqa: E731
-    earlier = RESULTS / f"{name}-{device_label(device)}.json"
-    kept = []
-    if earlier.exists():
-        previous = json.loads(earlier.read_text())
-        if previous.get("scale_settings") == json.loads(json.dumps(scale)):
-            ours = {key(r) for r in rows}
-            kept = [{"date": previous["date"], "command": previous["command"], **r}  # rows say who measured them
-                    for r in previous["rows"] if key(r) not in ours]
-    rows = kept + rows
+    rows = with_earlier_rows(name, device, rows, lambda r: (r["dataset"], r["ipc"], r["method"], protocol_label(r)),
+                             same_settings={"scale_settings": scale})
     path = write_report(name, device, rows, {"scale": scale_name, "scale_settings": scale})
     (RESULTS / f"{name}-{device_label(device)}.md").write_text(render_markdown(rows, scale_name, device_label(device)))
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -61,6 +62,25 @@ def write_report(name: str, device: torch.device, rows: Sequence[dict[str, Any]]
                        "machine": machine(device), "versions": versions(),
                        "date": stamp["date"], "rows": list(rows), **(extra or {})}, path)
     return path
+
+
+def with_earlier_rows(name: str, device: torch.device, rows: Sequence[dict[str, Any]],
+                      key: Callable[[dict[str, Any]], Any], same_settings: dict[str, Any] | None = None
+                      ) -> list[dict[str, Any]]:
+    """``rows`` after the rows of the earlier ``<name>-<device>.json`` that this run did not measure (by
+    ``key``), so a benchmark can be completed in parts. A kept row keeps the date and command of the run that
+    measured it; with ``same_settings``, earlier rows are kept only if their file recorded those settings."""
+    earlier = RESULTS / f"{name}-{device_label(device)}.json"
+    if not earlier.exists():
+        return list(rows)
+    previous = json.loads(earlier.read_text())
+    if same_settings is not None and any(previous.get(k) != json.loads(json.dumps(v))
+                                         for k, v in same_settings.items()):
+        return list(rows)
+    ours = {key(r) for r in rows}
+    kept = [{"date": previous["date"], "command": previous["command"], **r}
+            for r in previous["rows"] if key(r) not in ours]
+    return kept + list(rows)
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str) -> None:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from benchmarks.accuracy import SCALES, _cli
-from benchmarks.common import RESULTS, device_label, print_table, provenance, write_report
+from benchmarks.common import print_table, provenance, with_earlier_rows, write_report
 from distillkit.devices import resolve_device
 
 SCALE = "smoke"
@@ -61,13 +61,9 @@ def main() -> None:
 
 
 def save(rows: list[dict], scale: dict, device) -> Path:
-    key = lambda r: (r["method"], r["dataset"], r["ipc"], r["lr_img"])  # noqa: E731
-    earlier = RESULTS / f"{NAME}-{device_label(device)}.json"
-    kept = []
-    if earlier.exists():
-        ours = {key(r) for r in rows}
-        kept = [r for r in json.loads(earlier.read_text())["rows"] if key(r) not in ours]
-    return write_report(NAME, device, kept + rows, {"scale": SCALE, "scale_settings": scale})
+    rows = with_earlier_rows(NAME, device, rows, lambda r: (r["method"], r["dataset"], r["ipc"], r["lr_img"]),
+                             same_settings={"scale_settings": scale})
+    return write_report(NAME, device, rows, {"scale": SCALE, "scale_settings": scale})
 
 
 if __name__ == "__main__":

@@ -95,14 +95,18 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
 
 def speed(name: str, report: dict[str, Any]) -> str:
     ratio = lambda v: f"{v:.2f}" if v is not None else ""  # noqa: E731
+    inputs = list(dict.fromkeys(r["input"] for r in report["rows"]))
+    rows = sorted(report["rows"], key=lambda r: (inputs.index(r["input"]), r["ipc"]))  # stable: run order within
     table = [[r["input"], str(r["ipc"]), r["variant"], f"{r['s_per_iter']:.3f}", ratio(r["ratio_to_dm"]),
-              ratio(r.get("ratio_to_default"))] for r in report["rows"]]
+              ratio(r.get("ratio_to_default")), r.get("date", report["date"])[:10]] for r in rows]
     return "\n\n".join([
         f"**Condense speed**: seconds per iteration at 256 real images per class, median of "
-        f"{report['timed_iterations']} round-robin iterations. `vs dm`: against `dm` at the same input and IPC; "
+        f"{report['timed_iterations']} round-robin iterations. `vs dm`: against `dm` at the same input and IPC, "
+        "timed in the same run (`measured`: the run's date); "
         "`vs default`: a variant against its method's defaults (`per-class-real`: one real forward per class, the "
         "reference codes' shape; `one-call-real`: all real images in one extractor call; `amp`: bf16 autocast).",
-        _table(["input", "IPC", "variant", "s/iteration", "vs dm", "vs default"], table), _source(name, report)])
+        _table(["input", "IPC", "variant", "s/iteration", "vs dm", "vs default", "measured"], table),
+        _source(name, report)])
 
 
 def reference(name: str, report: dict[str, Any]) -> str:

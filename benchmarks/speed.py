@@ -26,7 +26,7 @@ import statistics
 
 import torch
 
-from benchmarks.common import print_table, timed, write_report
+from benchmarks.common import print_table, provenance, timed, with_earlier_rows, write_report
 from distillkit import registry
 from distillkit.condense import Condenser
 from distillkit.devices import resolve_device
@@ -47,6 +47,7 @@ VARIANTS = {
     "m3d/one-call-real": ("m3d", {"forward_batch": 10**9}),
     "dm+mmd": ("dm", {"objective": "mmd"}),
     "m3d/step=iteration": ("m3d", {"step": "iteration"}),
+    "idm": ("idm", {}),
 }
 
 
@@ -100,13 +101,15 @@ def main() -> None:
                     "syn_per_class": min(condenser.param.images_per_class, condenser.cfg.batch_syn or 10**9),
                     "s_per_iter": median[name], "ratio_to_dm": median[name] / median["dm"] if "dm" in median else None,
                     "ratio_to_default": median[name] / default if default else None,
-                    "peak_mib": peaks[name], "times": times[name],
+                    "peak_mib": peaks[name], "times": times[name], **provenance(),
                 })
                 print(f"{input_name} ipc {ipc} {name}: {median[name]:.3f} s/iter", flush=True)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_table(rows, ["input", "ipc", "variant", "batch_real", "syn_per_class", "s_per_iter", "ratio_to_dm",
                        "ratio_to_default", "peak_mib"],
                 title=f"seconds per condense iteration ({device}); process peak RSS {peak_rss_mib:.0f} MiB")
+    # variants measured in an earlier run (with their own dm row) are kept: ratios are within one run
+    rows = with_earlier_rows("speed", device, rows, lambda r: (r["input"], r["ipc"], r["variant"], r["batch_real"]))
     path = write_report("speed", device, rows, {"timed_iterations": args.iterations,
                                                 "process_peak_rss_mib": peak_rss_mib})
     print(f"wrote {path}")
