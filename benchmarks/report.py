@@ -53,7 +53,7 @@ def _pm(mean: float, std: float | None) -> str:
 
 
 def accuracy(name: str, report: dict[str, Any]) -> str:
-    order = {"random": 0, "dm": 1, "m3d": 2}
+    order = {"random": 0, "dm": 1, "m3d": 2, "idm": 3}
     rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], protocol_label(r) != "dc-classic",
                                                  protocol_label(r), order.get(r["method"], 9)))
     table = []

@@ -19,6 +19,7 @@ import torch
 
 from distillkit import registry
 from distillkit.artifact import atomic_write_bytes, atomic_write_json, content_digest, versions
+from distillkit.checks import blame, label
 from distillkit.data import data_context, load_split
 from distillkit.devices import device_for_rank
 from distillkit.distributed import World, merge_dicts, world as join_world
@@ -126,8 +127,9 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
     accuracy: dict[tuple[str, str, int], float] = {}
     for done, ((model, kind), run_ids) in enumerate(calls.items()):
         on_job(done, len(calls), f"{model} / {kind}")
-        got = list(protocol.evaluate(builder(model, synthetic.spec), sets[kind], test, synthetic.spec, run_ids, seed,
-                                     device, data=data))
+        with blame(label("protocol", protocol.name), "evaluate"):
+            got = list(protocol.evaluate(builder(model, synthetic.spec), sets[kind], test, synthetic.spec, run_ids,
+                                         seed, device, data=data))
         if len(got) != len(run_ids):
             raise UsageError(f"protocol {protocol.name!r} returned {len(got)} accuracies for {len(run_ids)} runs")
         accuracy.update({(model, kind, r): float(a) for r, a in zip(run_ids, got)})

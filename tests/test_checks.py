@@ -53,3 +53,13 @@ def test_debug_shows_the_component_traceback(tmp_path):
     with pytest.raises(Exception) as raised:
         run_cli("--debug", *_distill(tmp_path, "--objective", "faulty", "--set", "objective.fault=raise"))
     assert isinstance(raised.value.__cause__, ZeroDivisionError)
+
+
+def test_a_protocol_that_raises_is_one_line_naming_it_and_its_plugin(tiny_dm_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_dm_run, run_dir)
+    refused("--plugins-dir", TEST_PLUGINS, "evaluate", run_dir, "--protocol", "faulty", "--runs", "1", "--device",
+            "cpu", says="protocol 'faulty' (plugin 'faulty') raised in evaluate: AttributeError: 'NoneType' object "
+                        "has no attribute 'weight'")

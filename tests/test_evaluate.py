@@ -267,6 +267,11 @@ def test_evaluate_set_reaches_the_protocol_and_the_protocol_sees_the_training_sp
     refused(*evaluate, "--set", "protocol.metric=manhattan", says="unknown metric 'manhattan'; choose one of")
     refused(*evaluate, "--set", "objective.kernel=linear", says="unknown component 'objective'; choose one of: "
                                                                "protocol")
+    refused(*evaluate, "--epochs", "3", "--set", "protocol.epochs=4",
+            says="--epochs 3 and --set protocol.epochs=4 disagree; give one")
+    # the shortcut and the option are one setting of the built-in protocols
+    assert resolve_protocol("dc-classic", epochs=7).settings() == registry.create(
+        "protocols", "dc-classic").with_overrides(epochs=7).settings()
 
 
 def test_protocols_count_epochs_and_milestones_as_their_references():

@@ -3,7 +3,8 @@
 ``fault`` chooses how: the objective ``faulty`` returns ``features`` ((K, d) instead of (K,)), a ``scalar``,
 ``nan`` losses, or ``raise``s; the parameterization ``faulty`` (DM's ``pixel`` underneath) decodes one image
 too few per class (``short``) or raises in ``decode``; the sampler ``faulty`` returns (N, 2, d) features
-(``3d``), raises in its forward (``raise``), or its factory raises (``factory``).
+(``3d``), raises in its forward (``raise``), or its factory raises (``factory``); the protocol ``faulty``
+raises in ``evaluate``.
 """
 
 import torch
@@ -57,6 +58,30 @@ class FaultySampler:
 
     def redraws_at(self, iteration):
         return True
+
+
+class FaultyProtocol:
+    name = "faulty"
+
+    def settings(self):
+        return {}
+
+    def speed_settings(self, device):
+        return {}
+
+    def for_dataset(self, dataset):
+        return self
+
+    def with_overrides(self, **overrides):
+        return self
+
+    def evaluate(self, model, train, test, spec, run_ids, seed, device, data):
+        raise AttributeError("'NoneType' object has no attribute 'weight'")
+
+
+@hookimpl
+def register_protocols(register):
+    register("faulty", FaultyProtocol())
 
 
 @hookimpl
