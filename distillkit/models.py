@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-from typing import Callable
+from typing import Callable, Sequence
 
 import timm
 import torch
@@ -176,8 +176,12 @@ class RandomEmbedder:
         self._template: nn.Module | None = None  # on the CPU; never runs a forward, so its buffers stay fresh
         self._module: nn.Module | None = None  # on the device; what the extractors compute with
         self._replays = False  # whether replaying the template's init reproduces a fresh build
+        self._taps: tuple[tuple[str, ...], dict[str, Tensor], list] | None = None  # hooked names, outputs, handles
 
-    def draw(self, seed: int, *keys: object) -> Callable[[Tensor], Tensor]:
+    def draw(self, seed: int, *keys: object, taps: Sequence[str] = ()) -> Callable[[Tensor], Tensor | dict]:
+        """The network of ``(seed, keys)``: its embedding ``(N, d)``, or with ``taps`` (submodule names, see
+        :func:`layer_names`) named features ``{tap: that submodule's output, ..., "embedding": (N, d)}``
+        from the same forward."""
         with seeded(seed, "model", *keys):
             if self._template is None or not self._replays:
                 self._template = create_model(self.name, self.spec).requires_grad_(False)
@@ -189,7 +193,28 @@ class RandomEmbedder:
         else:
             self._load_template()
         module = self._module
+        if taps:
+            return self._tapped(tuple(taps))
         return lambda x: embed(module, x)
+
+    def _tapped(self, taps: tuple[str, ...]) -> Callable[[Tensor], dict[str, Tensor]]:
+        """Forward hooks on the device module (registered once per set of taps; the module is kept)."""
+        if self._taps is None or self._taps[0] != taps:
+            if self._taps is not None:
+                for handle in self._taps[2]:
+                    handle.remove()
+            seen: dict[str, Tensor] = {}
+            handles = [self._module.get_submodule(name).register_forward_hook(
+                lambda mod, args, output, name=name: seen.__setitem__(name, output)) for name in taps]
+            self._taps = (taps, seen, handles)
+        module, seen = self._module, self._taps[1]
+
+        def extract(x: Tensor) -> dict[str, Tensor]:
+            seen.clear()
+            embedding = embed(module, x)
+            return {**{name: seen[name] for name in taps}, "embedding": embedding}
+
+        return extract
 
     def _replay_reproduces(self, seed: int, keys: tuple) -> bool:
         """Whether replaying the init of ``keys`` gives the network just built for them, bit for bit."""
@@ -209,6 +234,12 @@ class RandomEmbedder:
         else:
             packed = _pack(_tensors(self._template), self.ALIGN)
             _unpack(devices.to_device(packed, self.device), targets, self.ALIGN)
+
+
+def layer_names(name: str, spec: ImageSpec, kind: type[nn.Module]) -> list[str]:
+    """The submodule names of every ``kind`` layer of model ``name`` in forward order, e.g. the ReLUs of
+    ConvNet-3: ``["features.2", "features.6", "features.10"]`` (what :meth:`RandomEmbedder.draw` taps)."""
+    return [n for n, m in create_model(name, spec).named_modules() if isinstance(m, kind)]
 
 
 def random_embedder(name: str, spec: ImageSpec, seed: int, *keys: object,
