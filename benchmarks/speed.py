@@ -1,4 +1,5 @@
-"""Seconds per condense iteration and peak memory of DM and M3D, with the ratios between variants.
+"""Seconds per condense iteration and peak memory of the methods (DM, M3D, IDM, DataDAM), with the ratios
+between variants.
 
 Every variant runs through :class:`distillkit.condense.Condenser` (the real loop). For each input
 (MNIST-size 1x28x28 real MNIST; CIFAR-size 3x32x32 generated ``fake`` data) and IPC, the variants'
@@ -48,6 +49,7 @@ VARIANTS = {
     "dm+mmd": ("dm", {"objective": "mmd"}),
     "m3d/step=iteration": ("m3d", {"step": "iteration"}),
     "idm": ("idm", {}),
+    "datadam": ("datadam", {}),
 }
 
 
