@@ -24,8 +24,9 @@
 # run's log gives the real times). The paper-scale cell is CIFAR-10 at IPC 10 (random baseline, DM and
 # M3D at their defaults, 1000 epochs x 5 runs under dc-classic, M3D also under idc), M3D first and DM
 # (20 000 iterations) in its own step, so an overrun of one keeps the other. Environment overrides:
-# ACC_DATASETS, ACC_IPC, ACC_METHODS (the cell measured when CIFAR-10 is not staged: mnist, 1,
-# random dm m3d), DEVICE (cuda), QUICK=1 (tiny settings: checks this script end to end on a CPU in a few
+# ACC_DATASETS, ACC_IPC, ACC_METHODS, ACC_SCALE (the cell measured when CIFAR-10 is not staged: mnist, 1,
+# random dm m3d, paper; ACC_SCALE=smoke ACC_DATASETS="mnist fashionmnist" ACC_IPC="1 10" ACC_METHODS="random
+# dm idm" gives the smoke cells IDM needs, 8x DM's time per iteration on a CPU), DEVICE (cuda), QUICK=1 (tiny settings: checks this script end to end on a CPU in a few
 # minutes; its numbers mean nothing; its step limits are LIMIT_SCALE=4 times the GPU's; without
 # .data/cifar-parts it takes the MNIST cell).
 set -uo pipefail
@@ -56,6 +57,7 @@ else
     speed=(--iterations 10) accuracy=()
 fi
 paper=(python3 -m benchmarks.accuracy --scale paper --device "$DEVICE" --work runs/device)
+grid=(python3 -m benchmarks.accuracy --scale "${ACC_SCALE:-paper}" --device "$DEVICE" --work runs/device)
 cifar=0  # the CIFAR-10 cell runs only on the full, verified set
 if [ -f .data/cifar-parts/manifest.json ]; then
     step 40 python3 -m benchmarks.stage_cifar join && cifar=1
@@ -70,7 +72,7 @@ if [ "$cifar" = 1 ]; then
     step 170 "${paper[@]}" --datasets cifar10 --ipc 10 --methods dm "${accuracy[@]}"
 else
     # shellcheck disable=SC2086  # the grid overrides are word lists
-    step 300 "${paper[@]}" --datasets ${ACC_DATASETS:-mnist} --ipc ${ACC_IPC:-1} \
+    step 300 "${grid[@]}" --datasets ${ACC_DATASETS:-mnist} --ipc ${ACC_IPC:-1} \
         --methods ${ACC_METHODS:-random dm m3d} "${accuracy[@]}"
 fi
 ls -l "$OUT" "$OUT/results"
