@@ -158,7 +158,7 @@ class Objective(_Protocol):
     classification term). Returns the per-class losses, shape ``(K,)``; the loop sums them.
     """
 
-    def __call__(self, real: Tensor, syn: Tensor) -> Tensor: ...
+    def __call__(self, real: Tensor | Mapping[str, Tensor], syn: Tensor | Mapping[str, Tensor]) -> Tensor: ...
 
 
 @runtime_checkable
@@ -206,8 +206,9 @@ class Sampler(_Protocol):
     ``data`` (a :class:`DataContext`: the real training split, e.g. to train extractors) if the factory
     declares that parameter. The extractor maps normalised images ``(N, c, H, W)`` to features
     ``(N, d)``, or to named features ``{name: (N, ...)}`` (several layers, an embedding and logits)
-    for an objective that consumes them (:mod:`distillkit.features`). It must be a pure function of ``(seed, iteration)``, or :class:`Stateful`, so runs resume
-    and shard exactly; :func:`distillkit.models.random_embedder` builds such networks.
+    for an objective that consumes them (:mod:`distillkit.features`). It must be a pure function of
+    ``(seed, iteration)``, or :class:`Stateful`, so runs resume and shard exactly;
+    :func:`distillkit.models.random_embedder` builds such networks.
     """
 
     def extractor(self, iteration: int) -> Callable[[Tensor], Tensor]:

@@ -119,8 +119,8 @@ class Registry:
             raise
         except Exception as exc:  # a factory's own validation (ValueError, TypeError, ...) is the user's to fix
             message = " ".join(str(exc).split())[:300]
-            raise UsageError(f"{self.singular} {name!r} (plugin {entry.plugin!r}) could not be built with options {options}: "
-                             f"{type(exc).__name__}: {message}") from exc
+            raise UsageError(f"{self.singular} {name!r} (plugin {entry.plugin!r}) could not be built with options "
+                             f"{options}: {type(exc).__name__}: {message}") from exc
 
     def match(self, patterns: Iterable[str]) -> list[str]:
         """Names matching any glob pattern, in pattern order; plain names pass through unchanged."""
