@@ -239,7 +239,9 @@ class RandomEmbedder:
 def layer_names(name: str, spec: ImageSpec, kind: type[nn.Module]) -> list[str]:
     """The submodule names of every ``kind`` layer of model ``name`` in forward order, e.g. the ReLUs of
     ConvNet-3: ``["features.2", "features.6", "features.10"]`` (what :meth:`RandomEmbedder.draw` taps)."""
-    return [n for n, m in create_model(name, spec).named_modules() if isinstance(m, kind)]
+    with seeded(0, "layer-names"):  # building draws an initialisation: keep the global generators as they were
+        model = create_model(name, spec)
+    return [n for n, m in model.named_modules() if isinstance(m, kind)]
 
 
 def random_embedder(name: str, spec: ImageSpec, seed: int, *keys: object,
