@@ -53,7 +53,7 @@ def _pm(mean: float, std: float | None) -> str:
 
 
 def accuracy(name: str, report: dict[str, Any]) -> str:
-    order = {"random": 0, "dm": 1, "m3d": 2, "idm": 3}
+    order = {"random": 0, "dm": 1, "m3d": 2, "idm": 3, "datadam": 4}
     rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], protocol_label(r) != "dc-classic",
                                                  protocol_label(r), order.get(r["method"], 9)))
     table = []
@@ -66,11 +66,15 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
     cells: dict[tuple[str, int, str], dict[str, float]] = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["ipc"], protocol_label(r)), {})[r["method"]] = r["mean"]
-    verdicts = []
+    verdicts, against_dm = [], []
     for (dataset, ipc, protocol), means in cells.items():
         if {"random", "dm", "m3d"} <= set(means):
             holds = means["m3d"] >= means["dm"] > means["random"]
             verdicts.append(f"{dataset} IPC {ipc} ({protocol}): {'yes' if holds else '**no**'}")
+        for method in ("idm", "datadam"):  # the later DM-family methods, each against DM in the same cell
+            if {method, "dm"} <= set(means):
+                holds = means[method] >= means["dm"]
+                against_dm.append(f"{method} on {dataset} IPC {ipc} ({protocol}): {'yes' if holds else '**no**'}")
     settings = report["scale_settings"]
     cells_by_command: dict[str, list[str]] = {}
     for r in rows:
@@ -87,6 +91,7 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         + (OLD_PROTOCOL_NOTE if any("protocol_settings" not in r for r in rows) else ""),
         _table(["dataset", "IPC", "method", "protocol", "distillkit", "published", "iterations", "real/class"], table),
         ("M3D ≥ DM > random: " + "; ".join(verdicts) + ".") if verdicts else None,
+        ("At least DM's accuracy: " + "; ".join(against_dm) + ".") if against_dm else None,
         _source(name, report),
         ("The grid was completed in parts (each row records its command and date): "
          + "; ".join(f"{', '.join(cells)} by `{_command(command)}`" for command, cells in cells_by_command.items())
