@@ -24,7 +24,8 @@ def spatial_attention(maps: Tensor, power: float) -> Tensor:
     """DataDAM's attention of activation maps ``(..., C, H, W)``: ``sum_c |a_c|^power`` per position,
     flattened and L2-normalised per sample, ``(..., H * W)`` (reference ``utils.py`` ``get_attention`` with
     ``param=1`` and ``norm='l2'``)."""
-    attention = maps.abs().pow(power).sum(-3).flatten(-2)
+    # one fused reduction (no |a| or |a|^p copy of the maps): sum_c |a_c|^p = ||a||_p^p over channels
+    attention = torch.linalg.vector_norm(maps, ord=power, dim=-3).pow(power).flatten(-2)
     return F.normalize(attention, dim=-1)
 
 
