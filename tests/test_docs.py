@@ -7,6 +7,8 @@ adding a result file: ``python -m benchmarks.report``.
 
 from __future__ import annotations
 
+import json
+
 from click.testing import CliRunner
 
 from distillkit.cli import cli
@@ -62,3 +64,22 @@ if __name__ == "__main__":
     head, rest = text.split(BEGIN, 1)
     README.write_text(f"{head}{BEGIN}\n\n{render()}\n\n{END}{rest.split(END, 1)[1]}")
     print(f"rendered the CLI reference in {README}")
+
+
+def test_a_benchmark_completed_in_parts_keeps_each_rows_provenance(tmp_path, monkeypatch):
+    """Rows an earlier run measured survive a later run of other cells, with the earlier run's date and
+    command; rows measured again are replaced; other settings start afresh."""
+    import torch
+
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    cpu = torch.device("cpu")
+    key = lambda r: (r["cell"],)  # noqa: E731
+    common.write_report("demo", cpu, [{"cell": "a", "value": 1}, {"cell": "b", "value": 2}], {"scale": "s"})
+    first = json.loads((tmp_path / "demo-cpu.json").read_text())
+    rows = common.with_earlier_rows("demo", cpu, [{"cell": "b", "value": 3}], key, same_settings={"scale": "s"})
+    assert rows == [{"date": first["date"], "command": first["command"], "cell": "a", "value": 1},
+                    {"cell": "b", "value": 3}]
+    assert common.with_earlier_rows("demo", cpu, [{"cell": "b", "value": 3}], key,
+                                    same_settings={"scale": "other"}) == [{"cell": "b", "value": 3}]
