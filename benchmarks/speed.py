@@ -103,15 +103,16 @@ def main() -> None:
                     "syn_per_class": min(condenser.param.images_per_class, condenser.cfg.batch_syn or 10**9),
                     "s_per_iter": median[name], "ratio_to_dm": median[name] / median["dm"] if "dm" in median else None,
                     "ratio_to_default": median[name] / default if default else None,
-                    "peak_mib": peaks[name], "times": times[name], **provenance(),
+                    "peak_mib": peaks[name], "times": times[name], "timed_with": list(condensers), **provenance(),
                 })
                 print(f"{input_name} ipc {ipc} {name}: {median[name]:.3f} s/iter", flush=True)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print_table(rows, ["input", "ipc", "variant", "batch_real", "syn_per_class", "s_per_iter", "ratio_to_dm",
                        "ratio_to_default", "peak_mib"],
                 title=f"seconds per condense iteration ({device}); process peak RSS {peak_rss_mib:.0f} MiB")
-    # variants measured in an earlier run (with their own dm row) are kept: ratios are within one run
-    rows = with_earlier_rows("speed", device, rows, lambda r: (r["input"], r["ipc"], r["variant"], r["batch_real"]))
+    # rows of earlier runs of other variant sets are kept, each set with its own dm row (ratios are within a run)
+    rows = with_earlier_rows("speed", device, rows, lambda r: (r["input"], r["ipc"], r["variant"], r["batch_real"],
+                                                               tuple(r.get("timed_with", ()))))
     path = write_report("speed", device, rows, {"timed_iterations": args.iterations,
                                                 "process_peak_rss_mib": peak_rss_mib})
     print(f"wrote {path}")
