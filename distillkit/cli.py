@@ -218,8 +218,8 @@ def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compi
         if shortcut is not None and option in options and options[option] != shortcut:
             raise UsageError(f"--{option.replace('_', '-')} {shortcut} and --set protocol.{option}="
                              f"{options[option]} disagree; give one")
-    proto = resolve_protocol(protocol, **options, epochs=epochs, test_limit=test_limit, stacked=stacked,
-                             compile=compile_)
+    shortcuts = {"epochs": epochs, "test_limit": test_limit, "stacked": stacked, "compile": compile_}
+    proto = resolve_protocol(protocol, **{**shortcuts, **options})  # None: not given (resolve_protocol drops it)
     patterns = [m.strip() for m in models.split(",") if m.strip()]
     names = [known_model(m) for m in registry.plugins()["models"].match(patterns)]  # bad names fail here, at once
     set_deterministic(bool(deterministic))

@@ -269,6 +269,14 @@ def test_evaluate_set_reaches_the_protocol_and_the_protocol_sees_the_training_sp
                                                                "protocol")
     refused(*evaluate, "--epochs", "3", "--set", "protocol.epochs=4",
             says="--epochs 3 and --set protocol.epochs=4 disagree; give one")
+    # a built-in protocol's option through --set alone, and beside its equal shortcut: one setting
+    dc = ("--plugins-dir", TEST_PLUGINS, "evaluate", run_dir, "--runs", "1", "--device", "cpu", "--no-baseline",
+          "--test-limit", "50")
+    run_cli(*dc, "--set", "protocol.epochs=1")
+    run_cli(*dc, "--set", "protocol.epochs=1", "--epochs", "1", "--set", "protocol.lr=0.02")
+    rows = json.loads((run_dir / "eval.json").read_text())["results"]
+    assert sorted((r["protocol"], r["protocol_settings"]["epochs"], r["protocol_settings"]["lr"]) for r in rows
+                  if r["protocol"] == "dc-classic") == [("dc-classic", 1, 0.01), ("dc-classic", 1, 0.02)]
     # the shortcut and the option are one setting of the built-in protocols
     assert resolve_protocol("dc-classic", epochs=7).settings() == registry.create(
         "protocols", "dc-classic").with_overrides(epochs=7).settings()
