@@ -22,15 +22,10 @@ from distillkit.errors import ComponentError, UsageError
 from distillkit.features import describe_shape, shape_problem
 from distillkit.interfaces import ImageSpec
 
-#: the config field naming each kind's component, and its registry kind
-KINDS = {"objective": "objectives", "parameterization": "parameterizations", "sampler": "samplers",
-         "protocol": "protocols"}
-
-
 def label(kind: str, name: str) -> str:
-    """``sampler 'random-convnet' (plugin 'dm')``: how every message names a component."""
-    registry_kind = KINDS[kind]
-    plugins = registry.plugins()[registry_kind]
+    """``sampler 'random-convnet' (plugin 'dm')``: how every message names a component (``kind`` is the
+    registry kind's singular, as :attr:`~distillkit.registry.Registry.singular` derives it)."""
+    plugins = registry.plugins()[kind + "s"]
     plugin = plugins.entries[name].plugin if name in plugins else "?"
     return f"{kind} {name!r} (plugin {plugin!r})"
 

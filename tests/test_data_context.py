@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import torch
 
 from distillkit.artifact import ARTIFACT_FORMAT, CHECKPOINT_FORMAT, safe_load
 from tests.conftest import DATA, TEST_PLUGINS, run_cli
-from tests.test_reliability import _spawn, _wait_for_log
+from tests.test_reliability import kill_mid_run
 
 TRAINED = ("--plugins-dir", TEST_PLUGINS, "distill", "--sampler", "trained-convnet", "--ipc", "1", "--batch-real", "8",
            "--device", "cpu", "--log-every", "1")
@@ -42,12 +41,8 @@ def test_a_stateful_sampler_resumes_bit_identically_after_sigkill(tmp_path: Path
     checkpoint = safe_load(reference / "checkpoint.pt", CHECKPOINT_FORMAT)
     assert checkpoint["components"]["sampler"]["trained_to"] == 7  # the checkpoint holds the sampler's state
 
-    run_dir, stderr = tmp_path / "run", tmp_path / "stderr"
-    proc = _spawn(stderr, *args, "--out", run_dir)
-    _wait_for_log(proc, run_dir, 3, stderr)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (run_dir / "synthetic.pt").exists(), "the run finished before the kill: the test proved nothing"
+    run_dir = tmp_path / "run"
+    kill_mid_run(run_dir, tmp_path / "stderr", *args)
     assert safe_load(run_dir / "checkpoint.pt", CHECKPOINT_FORMAT)["iteration"] >= 2
     run_cli("distill", "--resume", run_dir)
     images = lambda d: safe_load(d / "synthetic.pt", ARTIFACT_FORMAT)["images"]  # noqa: E731

@@ -3,9 +3,6 @@ same network DM draws), and a CLI run that resumes after kill -9 and shards over
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +14,8 @@ from distillkit.data import load_split
 from distillkit.errors import UsageError
 from distillkit_datadam.components import spatial_attention
 from tests.conftest import DATA, run_cli
-from tests.test_distributed import _env, _torchrun
-from tests.test_reliability import _spawn, _wait_for_log
+from tests.test_distributed import single_and_sharded
+from tests.test_reliability import kill_mid_run
 
 RUN = ("--method", "datadam", "--dataset", "mnist", "--ipc", "2", "--batch-real", "8", "--device", "cpu",
        "--seed", "2", "--log-every", "1", "--set", "sampler.model=convnet3_w32")
@@ -76,19 +73,10 @@ def test_datadam_runs_resumes_after_sigkill_and_shards_bit_identically(tmp_path:
     run_cli("distill", *args, "--out", reference)
     assert not torch.equal(_images(reference), _images(tmp_path / "start"))
 
-    killed, stderr = tmp_path / "killed", tmp_path / "stderr"
-    proc = _spawn(stderr, *args, "--out", killed)
-    _wait_for_log(proc, killed, 3, stderr)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "synthetic.pt").exists(), "the run finished before the kill: the test proved nothing"
+    killed = tmp_path / "killed"
+    kill_mid_run(killed, tmp_path / "stderr", *args)
     run_cli("distill", "--resume", killed)
     assert torch.equal(_images(killed), _images(reference))
 
-    single, sharded = tmp_path / "single", tmp_path / "sharded"
-    env = {**_env(), "DISTILLKIT_DATA": str(DATA)}
-    subprocess.run([sys.executable, "-m", "distillkit", "distill", *args, "--out", str(single)], check=True, env=env,
-                   capture_output=True)
-    done = subprocess.run(_torchrun("distill", *args, "--out", str(sharded)), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    single, sharded = single_and_sharded(tmp_path, "distill", *args)
     assert torch.equal(_images(sharded), _images(single))

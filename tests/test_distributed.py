@@ -36,14 +36,19 @@ def _checkpoint_iteration(path: Path) -> int:
         return -1
 
 
-def test_two_processes_give_the_single_process_set_and_resume(tmp_path: Path):
-    single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "distillkit", *ARGS, "--out", str(single)], check=True, env=_env(),
+def single_and_sharded(tmp_path: Path, *args: str) -> tuple[Path, Path]:
+    """``distillkit *args`` in one process and in 2 torchrun processes (1 thread each), into
+    ``tmp_path/single`` and ``tmp_path/sharded``."""
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    subprocess.run([sys.executable, "-m", "distillkit", *args, "--out", str(single)], check=True, env=_env(),
                    capture_output=True)
-
-    sharded = tmp_path / "sharded"
-    done = subprocess.run(_torchrun(*ARGS, "--out", str(sharded)), env=_env(), capture_output=True, text=True)
+    done = subprocess.run(_torchrun(*args, "--out", str(sharded)), env=_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+    return single, sharded
+
+
+def test_two_processes_give_the_single_process_set_and_resume(tmp_path: Path):
+    single, sharded = single_and_sharded(tmp_path, *ARGS)
     assert torch.equal(_images(sharded), _images(single))  # bit for bit
     lines = (sharded / "losses.jsonl").read_text().splitlines()
     assert len(lines) == 6  # one writer: rank 0

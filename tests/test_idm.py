@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,8 @@ from distillkit.artifact import ARTIFACT_FORMAT, CHECKPOINT_FORMAT, safe_load
 from distillkit.data import data_context
 from distillkit.errors import UsageError
 from tests.conftest import DATA, refused, run_cli
-from tests.test_distributed import _env, _torchrun
-from tests.test_reliability import _spawn, _wait_for_log
+from tests.test_distributed import single_and_sharded
+from tests.test_reliability import kill_mid_run
 
 SMALL = ("--set", "sampler.model=convnet3_w32", "--set", "sampler.train_steps=2", "--set", "sampler.train_batch=32",
          "--set", "sampler.push_every=2", "--set", "sampler.initial_nets=2")
@@ -128,23 +125,13 @@ def test_idm_resumes_bit_identically_after_sigkill_and_shards_to_the_single_proc
     queue = safe_load(reference / "checkpoint.pt", CHECKPOINT_FORMAT)["components"]["sampler"]["queue"]
     assert [n["index"] for n in queue] == [0, 1, 2, 3, 4]  # 2 initial, pushes at 0, 2, 4
 
-    killed, stderr = tmp_path / "killed", tmp_path / "stderr"
-    proc = _spawn(stderr, *args, "--out", killed)
-    _wait_for_log(proc, killed, 3, stderr)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "synthetic.pt").exists(), "the run finished before the kill: the test proved nothing"
+    killed = tmp_path / "killed"
+    kill_mid_run(killed, tmp_path / "stderr", *args)
     run_cli("distill", "--resume", killed)
     assert torch.equal(_images(killed), _images(reference))
     assert (killed / "losses.jsonl").read_text() == (reference / "losses.jsonl").read_text()
 
     # two torchrun processes, each optimising 5 classes, each training the same queue from the full split
-    sharded = tmp_path / "sharded"
-    single = tmp_path / "single"
-    env = {**_env(), "DISTILLKIT_DATA": str(DATA)}
-    subprocess.run([sys.executable, "-m", "distillkit", "distill", *args, "--out", str(single)], check=True, env=env,
-                   capture_output=True)
-    done = subprocess.run(_torchrun("distill", *args, "--out", str(sharded)), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    single, sharded = single_and_sharded(tmp_path, "distill", *args)
     assert torch.equal(_images(sharded), _images(single))
     assert os.path.exists(sharded / "losses.jsonl")

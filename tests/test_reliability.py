@@ -67,6 +67,16 @@ def _wait_for_log(proc: subprocess.Popen, run_dir: Path, lines: int, stderr: Pat
     pytest.fail("distill made no progress in 180 s")
 
 
+def kill_mid_run(run_dir: Path, stderr: Path, *args: object, lines: int = 3) -> None:
+    """Run ``distill *args --out run_dir`` in a real process and SIGKILL it once it has logged ``lines``
+    iterations (with checkpoints every 2, the one at 2 is then written); fails if it finished first."""
+    proc = _spawn(stderr, *args, "--out", run_dir)
+    _wait_for_log(proc, run_dir, lines, stderr)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (run_dir / "synthetic.pt").exists(), "the run finished before the kill: the test proved nothing"
+
+
 # -- resume --------------------------------------------------------------------------------
 
 
@@ -74,11 +84,7 @@ def test_sigkill_then_sigint_then_resume_is_bit_identical(reference: Path, tmp_p
     """A real process is SIGKILLed mid-run; its resumption is interrupted with SIGINT (clean exit 130 with a
     checkpoint); the second resumption must end with exactly the uninterrupted run's set and loss log."""
     run_dir, stderr = tmp_path / "run", tmp_path / "stderr"
-    proc = _spawn(stderr, *TINY, "--seed", "0", "--out", run_dir)
-    _wait_for_log(proc, run_dir, 3, stderr)  # checkpoint at 2 written, one more line logged past it
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    assert not (run_dir / "synthetic.pt").exists(), "the run finished before the kill: the test proved nothing"
+    kill_mid_run(run_dir, stderr, *TINY, "--seed", "0")  # checkpoint at 2 written, one more line logged past it
     killed_at = safe_load(run_dir / "checkpoint.pt", CHECKPOINT_FORMAT)["iteration"]
     assert 2 <= killed_at < ITERATIONS
 
