@@ -8,6 +8,7 @@ from distillkit import hookimpl
 from distillkit.datasets import builtin_datasets
 from distillkit.engine import TrainingProtocol
 from distillkit.imagenet import imagenet_datasets
+from distillkit.soft_labels import SoftLabelProtocol
 from distillkit.zoo import ARCHITECTURES
 
 PROTOCOLS = (
@@ -27,6 +28,15 @@ PROTOCOLS = (
     TrainingProtocol(
         "smoke", epochs=50, test_limit=2000,
         description="quick check: dc-classic settings with 50 (+1) epochs, first 2000 test images",
+    ),
+    SoftLabelProtocol(
+        "soft-label",
+        description="dc-classic's recipe on a teacher's soft labels of every augmented batch (KL at temperature "
+                    "1.2); the teacher: ConvNet-3 trained 50 (+1) epochs on the full training split, cached",
+    ),
+    SoftLabelProtocol(
+        "soft-label-smoke", epochs=50, test_limit=2000, teacher_epochs=2,
+        description="quick check: soft-label with 50 (+1) epochs, a teacher of 2 (+1) epochs, first 2000 test images",
     ),
 )
 

@@ -197,12 +197,15 @@ def _progress() -> Progress:
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also evaluate a random real subset at the same IPC.")
 @click.option("--seed", type=int, help="Evaluation seed.  [default: the run's seed]")
+@click.option("--full-data-epochs", type=int, metavar="N",
+              help="Also train each model on the full training split for N epochs (hard labels, cached in the "
+                   "user cache) and score the set against it (docs: distillkit.scores).  [default: off]")
 @click.option("--set", "sets", multiple=True, metavar="protocol.OPTION=VALUE",
               help="Set a protocol option (repeatable); see `distillkit describe protocols NAME`. --epochs and "
                    "--test-limit are shortcuts of protocol.epochs and protocol.test_limit.")
 @device_options
-def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, sets, device,
-             data_root, deterministic) -> None:
+def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compile_, baseline, seed, full_data_epochs,
+             sets, device, data_root, deterministic) -> None:
     """Train evaluator networks on a run's synthetic set; write eval.json and eval.csv.
 
     Under torchrun the runs are shared out over the processes; rank 0 writes the merged files.
@@ -232,7 +235,8 @@ def evaluate(run_dir, protocol, models, runs, epochs, test_limit, stacked, compi
 
         try:
             report = evaluate_run(run_dir, protocol=proto, models=names, runs=runs, seed=seed, baseline=baseline,
-                                  device=dev, data_root=resolve_root(data_root), on_job=on_job)
+                                  device=dev, data_root=resolve_root(data_root), full_data_epochs=full_data_epochs,
+                                  on_job=on_job)
         except KeyboardInterrupt:
             progress.stop()
             click.echo(f"interrupted; the models that finished are kept in {run_dir}. Run the same command again "
@@ -250,12 +254,18 @@ def _print_eval(report: dict) -> None:
     table.add_column("model")
     table.add_column("synthetic (%)", justify="right")
     table.add_column("random baseline (%)", justify="right")
+    for title in ("over random (pts)", "full data (%)", "gap closed", "LRS"):
+        table.add_column(title, justify="right")
     by_model: dict[str, dict[str, dict]] = {}
     for row in rows:
         by_model.setdefault(row["model"], {})[row["kind"]] = row
     for model, kinds in by_model.items():
         cell = lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if r else "-"  # noqa: E731
-        table.add_row(model, cell(kinds.get("synthetic")), cell(kinds.get("random-baseline")))
+        syn = kinds.get("synthetic") or {}
+        got = {**syn.get("scores", {}), "full": ((syn.get("references") or {}).get("full_data") or {}).get("mean")}
+        number = lambda key, form: "-" if got.get(key) is None else format(got[key], form)  # noqa: E731
+        table.add_row(model, cell(syn), cell(kinds.get("random-baseline")), number("improvement_over_random", "+.2f"),
+                      number("full", ".2f"), number("hard_label_recovery", ".3f"), number("label_robust_score", ".3f"))
     out.print(table)
     from distillkit.rundir import RunDir
 

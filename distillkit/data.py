@@ -17,7 +17,8 @@ from torch import Tensor
 
 from distillkit import devices
 from distillkit.errors import UsageError
-from distillkit.interfaces import DataContext, DatasetSpec, ImageSpec, TrainingSet
+from distillkit.interfaces import DataContext, DatasetSpec, ImageSpec, ModelBuilder, TrainingSet
+from distillkit.models import builder, check_model
 
 
 def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
@@ -167,7 +168,11 @@ def data_context(spec: DatasetSpec, options: Mapping[str, Any], root: Path, devi
                  train: RealData | None = None) -> DataContext:
     """The :class:`~distillkit.interfaces.DataContext` of ``spec`` under ``root``: its training split is
     ``train`` when the caller already holds the full split, else loaded on first use, gathered to ``device``."""
+    def build_model(name: str) -> ModelBuilder:
+        check_model(name, spec.image_spec)
+        return builder(name, spec.image_spec)
+
     device = torch.device(device)
-    if train is not None:
-        return DataContext(spec, options, root, device, lambda: train.restricted(None, device))
-    return DataContext(spec, options, root, device, lambda: load_split(spec, root, train=True, device=device))
+    load = (lambda: train.restricted(None, device)) if train is not None else \
+        (lambda: load_split(spec, root, train=True, device=device))
+    return DataContext(spec, options, root, device, load, build_model)

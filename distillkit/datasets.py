@@ -13,7 +13,7 @@ import pickle
 import shutil
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -283,12 +283,30 @@ def builtin_datasets() -> dict[str, Callable[..., DatasetSpec]]:
     return factories
 
 
-def _fixed(spec: DatasetSpec) -> Callable[[], DatasetSpec]:
-    def factory() -> DatasetSpec:
-        return spec
+def _fixed(spec: DatasetSpec) -> Callable[..., DatasetSpec]:
+    def factory(train_per_class: int | None = None) -> DatasetSpec:
+        if train_per_class is None:
+            return spec
+        if train_per_class < 1:
+            raise UsageError(f"train_per_class must be positive, got {train_per_class}")
+        return replace(spec, load=_first_per_class(spec.load, train_per_class))
 
-    factory.__doc__ = spec.description
+    factory.__doc__ = (f"{spec.description}.\n\n``train_per_class=N`` keeps the first N training images of each "
+                       f"class, in file order (quick checks; the test split stays whole).")
     return factory
+
+
+def _first_per_class(load: Callable[[Path, bool], tuple[Tensor, Tensor]], n: int
+                     ) -> Callable[[Path, bool], tuple[Tensor, Tensor]]:
+    def limited(root: Path, train: bool) -> tuple[Tensor, Tensor]:
+        images, labels = load(root, train)
+        if not train:
+            return images, labels
+        order = torch.argsort(labels, stable=True)  # class by class, file order inside each
+        starts = torch.searchsorted(labels[order], labels[order])  # first position of each row's class
+        keep = order[torch.arange(len(order)) - starts < n].sort().values
+        return images[keep], labels[keep]
+    return limited
 
 
 def image_folder(path: str, size: int = 32, channels: int = 3) -> DatasetSpec:

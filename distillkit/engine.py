@@ -41,18 +41,18 @@ from __future__ import annotations
 import warnings
 from fractions import Fraction
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from distillkit import devices
-from distillkit.augment import Augment, AugmentParams
+from distillkit.augment import Augment
 from distillkit.errors import UsageError
+from distillkit.eval_draws import cutmix, draw, epochs_per_draw
 from distillkit.interfaces import DataContext, ImageSpec, ModelBuilder, TrainingSet
-from distillkit.seeding import derive_seed, generator, seeded
+from distillkit.seeding import seeded
 from distillkit.stacking import SingleRun, StackedRuns
 
 #: TrainingProtocol fields that choose how results are computed, not what they are
@@ -90,30 +90,19 @@ def idc_imagenet_epochs(images_per_class: int, num_classes: int) -> int:
     return epochs
 
 
-#: random numbers are drawn for this many sample-epochs at once (fewer, larger host draws; a pure
-#: function of the set size, so results never depend on the device)
-DRAW_SAMPLES = 16384
-MAX_DRAW_EPOCHS = 32
+#: the loss of one training batch: ``(logits (R*B, classes), images (R, B, c, H, W), labels (R, B), mix)`` ->
+#: the sum over runs of each run's mean loss (each run's gradient is its own); ``mix`` is CutMix's
+#: ``(partner labels (R, B), own-label weights (R, 1))`` or None
+BatchLoss = Callable[[Tensor, Tensor, Tensor, "tuple[Tensor, Tensor] | None"], Tensor]
 
 
-def epochs_per_draw(n: int) -> int:
-    return max(1, min(MAX_DRAW_EPOCHS, DRAW_SAMPLES // n))
-
-
-@dataclass(frozen=True)
-class _Draws:
-    """The random numbers of ``K`` consecutive epochs for ``R`` runs, on the device.
-
-    Drawn on the CPU from each run's streams ``(seed, kind, model, run, block)``.
-    """
-
-    order: Tensor  # (R, K, n) sample index at each position of each epoch
-    group: Tensor  # (R, K, n) augmentation group of each position: r * K * n + k * n + j
-    augment: AugmentParams | None  # one group per (run, epoch, position)
-    geometric: list[list[int]] | None  # per epoch and batch: samples of all runs that drew a geometric op
-    mix: Tensor | None  # (R, K, n) CutMix partner position (inside the same batch)
-    box: Tensor | None  # (R, K, batches, 4) CutMix box y0, y1, x0, x1 (empty where CutMix is off)
-    kept: Tensor | None  # (R, K, batches) weight of the own label (1 where CutMix is off)
+def hard_label_loss(logits: Tensor, images: Tensor, labels: Tensor, mix: tuple[Tensor, Tensor] | None) -> Tensor:
+    """Cross-entropy with the set's labels (CutMix: weighted by the pasted area)."""
+    ce = lambda t: F.cross_entropy(logits, t.flatten(), reduction="none").view(t.shape)  # noqa: E731
+    if mix is None:
+        return ce(labels).mean(1).sum()
+    partner, kept = mix
+    return (kept * ce(labels) + (1 - kept) * ce(partner)).mean(1).sum()
 
 
 @dataclass(frozen=True)
@@ -249,6 +238,26 @@ class TrainingProtocol:
                  run_ids: Sequence[int], seed: int, device: torch.device | str,
                  data: DataContext | None = None) -> list[float]:
         """See :meth:`EvalProtocol.evaluate`; hard-label training needs no more than ``train`` (``data`` unused)."""
+        return self._evaluate(model, train, test, spec, run_ids, seed, device, hard_label_loss)
+
+    def hard_labels(self) -> "TrainingProtocol":
+        """This protocol with hard labels: itself (a soft-label protocol returns its hard counterpart)."""
+        return self
+
+    def train_network(self, module: nn.Module, train: TrainingSet, seed: int, model: str, run: int,
+                      loss: BatchLoss = hard_label_loss) -> None:
+        """Train ``module`` in place as :meth:`evaluate` trains run ``run`` of ``model`` one by one (the same
+        streams; initialise it under ``seeded(seed, "eval-init", model, run)`` for the very same network),
+        untested: for what needs networks trained on real data (a teacher, NCFM's extractors)."""
+        with seeded(seed, "eval-train", model, run, device=train.images.device):
+            self._train(SingleRun(module, self.compile), [run], train, seed, model, loss)
+
+    def test_network(self, net: nn.Module, test: TrainingSet) -> float:
+        """Test accuracy (0-100) of ``net`` under this protocol's test settings."""
+        return self._test(SingleRun(net, False), 1, test)[0]
+
+    def _evaluate(self, model: ModelBuilder, train: TrainingSet, test: TrainingSet, spec: ImageSpec,
+                  run_ids: Sequence[int], seed: int, device: torch.device | str, loss: BatchLoss) -> list[float]:
         run_ids = list(run_ids)
         if not run_ids:
             raise UsageError("no evaluation runs given (--runs must be positive)")
@@ -256,8 +265,8 @@ class TrainingProtocol:
         devices.prepare(device)
         if self.epoch_rule != "fixed":
             epochs = self.epochs_for(len(train.labels), spec.num_classes)
-            return replace(self, epochs=epochs, epoch_rule="fixed").evaluate(model, train, test, spec, run_ids,
-                                                                              seed, device)
+            return replace(self, epochs=epochs, epoch_rule="fixed")._evaluate(model, train, test, spec, run_ids,
+                                                                               seed, device, loss)
         models = []
         for r in run_ids:
             with seeded(seed, "eval-init", model.name, r):
@@ -266,19 +275,20 @@ class TrainingProtocol:
             stacked = StackedRuns(models, self.compile)
             why = stacked.check((2, spec.channels, spec.height, spec.width))
             if why is None:
-                return self._train_and_test(stacked, run_ids, train, test, seed, model.name)
+                return self._train_and_test(stacked, run_ids, train, test, seed, model.name, loss)
             warnings.warn(f"{model.name}: runs train one by one: {why}", stacklevel=2)
         return [acc for r, m in zip(run_ids, models)
-                for acc in self._train_and_test(SingleRun(m, self.compile), [r], train, test, seed, model.name)]
+                for acc in self._train_and_test(SingleRun(m, self.compile), [r], train, test, seed, model.name, loss)]
 
     def _train_and_test(self, net: StackedRuns | SingleRun, run_ids: list[int], train: TrainingSet, test: TrainingSet,
-                        seed: int, model: str) -> list[float]:
+                        seed: int, model: str, loss: BatchLoss) -> list[float]:
         # Dropout-like layers draw from torch's global generator: seed it from the runs, never from leftover state.
         with seeded(seed, "eval-train", model, *run_ids, device=train.images.device):
-            self._train(net, run_ids, train, seed, model)
+            self._train(net, run_ids, train, seed, model, loss)
         return self._test(net, len(run_ids), test)
 
-    def _train(self, net: StackedRuns | SingleRun, run_ids: list[int], train: TrainingSet, seed: int, model: str) -> None:
+    def _train(self, net: StackedRuns | SingleRun, run_ids: list[int], train: TrainingSet, seed: int, model: str,
+               loss: BatchLoss = hard_label_loss) -> None:
         aug = Augment(self.augment, self.augment_strategy)
         device = train.images.device
         n = train.images.shape[0]
@@ -300,81 +310,22 @@ class TrainingProtocol:
                         g["lr"] = lr
             k = epoch % per_draw
             if k == 0:
-                draws = self._draw(aug, run_ids, seed, model, epoch // per_draw, min(per_draw, epochs - epoch),
-                                   train.images.shape[-2:], bounds, device)
+                draws = draw(self, aug, run_ids, seed, model, epoch // per_draw, min(per_draw, epochs - epoch),
+                             train.images.shape[-2:], bounds, device)
             for b, (s, e) in enumerate(bounds):
                 idx = draws.order[:, k, s:e]
                 xs, ys = train.images[idx], train.labels[idx]  # (R, B, ...)
                 if draws.augment is not None:
                     xs = aug.apply(xs.flatten(0, 1), draws.augment, draws.group[:, k, s:e].flatten(),
                                    draws.geometric[k][b]).view_as(xs)
+                mix = None
                 if draws.mix is not None:
-                    xs, ys_other, kept = self._cutmix(xs, ys, draws, k, b, s, e)
-                logits = net.forward(xs).flatten(0, 1)
-                ce = lambda t: F.cross_entropy(logits, t.flatten(), reduction="none").view(t.shape)  # noqa: E731
-                # the sum over runs of each run's mean loss: each run's gradient is its own
-                loss = ((kept * ce(ys) + (1 - kept) * ce(ys_other)) if draws.mix is not None else ce(ys)).mean(1).sum()
+                    xs, ys_other, kept = cutmix(xs, ys, draws, k, b, s, e)
+                    mix = (ys_other, kept)
+                batch_loss = loss(net.forward(xs).flatten(0, 1), xs, ys, mix)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                batch_loss.backward()
                 optimizer.step()
-
-    def _draw(self, aug: Augment, run_ids: list[int], seed: int, model: str, block: int, epochs: int,
-              hw: tuple[int, int], bounds: list[tuple[int, int]], device: torch.device) -> _Draws:
-        """The random numbers of ``epochs`` epochs starting at ``block * epochs_per_draw(n)``, one stream per run."""
-        h, w = hw
-        n = bounds[-1][1]
-        order = torch.stack([torch.rand(epochs, n, generator=generator(seed, "eval-shuffle", model, r, block))
-                             .argsort(dim=1) for r in run_ids])
-        group = torch.arange(order.numel(), device=device).view(order.shape)
-        params, geometric = None, None
-        if aug.mode != "none":
-            # op_per "batch": the op (dsa) or geometric op (idc) of a batch is one draw, as in the references
-            batch_of = torch.bucketize(torch.arange(n), torch.tensor([e for _, e in bounds]), right=True)
-            op_groups = ((torch.arange(epochs) * len(bounds)).view(-1, 1) + batch_of).flatten() \
-                if self.op_per == "batch" else None
-            cpu = aug.draw_groups([generator(seed, "eval-augment", model, r, block) for r in run_ids], h, w,
-                                  groups=epochs * n, op_groups=op_groups)
-            drew = cpu.geometric.view(len(run_ids), epochs, n)
-            geometric = [[int(drew[:, k, s:e].sum()) for s, e in bounds] for k in range(epochs)]  # host, no sync
-            params = cpu.to(device)
-        if self.cutmix_prob <= 0:
-            return _Draws(devices.to_device(order, device), group, params, geometric, None, None, None)
-        mix, box, kept = zip(*(self._draw_cutmix(np.random.default_rng(derive_seed(seed, "eval-cutmix", model, r,
-                                                                                    block)), epochs, h, w, bounds)
-                               for r in run_ids))
-        as_device = lambda arrays: devices.to_device(torch.from_numpy(np.stack(arrays)), device)  # noqa: E731
-        return _Draws(devices.to_device(order, device), group, params, geometric, as_device(mix), as_device(box),
-                      as_device(kept).float())
-
-    def _draw_cutmix(self, rng: np.random.Generator, epochs: int, h: int, w: int, bounds: list[tuple[int, int]]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per epoch and batch, with probability ``cutmix_prob``: a box of area ``1 - lam`` (lam ~ Beta(beta, beta))
-        at a uniform centre, and a partner order inside the batch."""
-        shape = (epochs, len(bounds))
-        apply = rng.random(shape) < self.cutmix_prob
-        lam = rng.beta(self.cutmix_beta, self.cutmix_beta, shape)
-        cy, cx = rng.integers(h, size=shape), rng.integers(w, size=shape)
-        partner = np.stack([np.concatenate([s + rng.permutation(e - s) for s, e in bounds]) for _ in range(epochs)])
-        cut = np.sqrt(1 - lam)
-        half_h, half_w = (cut * h).astype(np.int64) // 2, (cut * w).astype(np.int64) // 2
-        box = np.stack([np.clip(cy - half_h, 0, h), np.clip(cy + half_h, 0, h),
-                        np.clip(cx - half_w, 0, w), np.clip(cx + half_w, 0, w)], -1) * apply[..., None]
-        kept = 1 - (box[..., 1] - box[..., 0]) * (box[..., 3] - box[..., 2]) / (h * w)
-        return partner, box, kept
-
-    @staticmethod
-    def _cutmix(xs: Tensor, ys: Tensor, draws: _Draws, k: int, b: int, s: int, e: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
-        """Paste each run's box from its partner images; returns images, partner labels, own-label weights."""
-        r, size, _, h, w = xs.shape
-        partner = draws.mix[:, k, s:e] - s  # (R, B) positions inside this batch
-        y0, y1, x0, x1 = (v.view(r, 1, 1) for v in draws.box[:, k, b].unbind(-1))
-        rows = torch.arange(h, device=xs.device).view(1, h, 1)
-        cols = torch.arange(w, device=xs.device).view(1, 1, w)
-        box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
-        shuffled = torch.gather(xs, 1, partner.view(r, size, 1, 1, 1).expand_as(xs))
-        mixed = torch.where(box.view(r, 1, 1, h, w), shuffled, xs)
-        return mixed, torch.gather(ys, 1, partner), draws.kept[:, k, b].view(r, 1)
 
     @torch.no_grad()
     def _test(self, net: StackedRuns | SingleRun, runs: int, test: TrainingSet) -> list[float]:

@@ -24,7 +24,9 @@ from distillkit.data import data_context, load_split
 from distillkit.devices import device_for_rank
 from distillkit.distributed import World, merge_dicts, world as join_world
 from distillkit.errors import UsageError
-from distillkit.interfaces import EvalProtocol, TrainingSet
+from distillkit.interfaces import Evaluation, EvalProtocol, TrainingSet
+from distillkit.references import full_data_accuracy, recipe
+from distillkit.scores import SCORES, scores
 from distillkit.models import builder, check_model
 from distillkit.rundir import RunDir, load_run_synthetic
 from distillkit.seeding import generator
@@ -58,7 +60,7 @@ def resolve_protocol(name: str, **overrides: Any) -> EvalProtocol:
 
 
 def evaluate_run(run_dir: Path, *, protocol: EvalProtocol, models: Sequence[str], runs: int, seed: int | None,
-                 baseline: bool, device: torch.device, data_root: Path,
+                 baseline: bool, device: torch.device, data_root: Path, full_data_epochs: int | None = None,
                  on_job: Callable[[int, int, str], None] = lambda done, total, label: None) -> dict[str, Any]:
     """Evaluate a run directory's synthetic set (and the random baseline) on ``models``; update eval.json/csv.
 
@@ -71,7 +73,14 @@ def evaluate_run(run_dir: Path, *, protocol: EvalProtocol, models: Sequence[str]
     Under torchrun the (model, set, run) jobs are dealt round-robin over the ranks and rank 0 writes
     the merged report once, at the end. ``on_job(done, total, label)`` reports this rank's progress in
     (model, set) calls.
+
+    Each synthetic row gets ``scores`` (:mod:`distillkit.scores`) and the ``references`` they were computed
+    from: the random baseline, the hard-label rows, and with ``full_data_epochs`` the full-data reference
+    (:func:`~distillkit.references.full_data_accuracy`, that many epochs, cached) under the protocol's
+    hard-label counterpart.
     """
+    if full_data_epochs is not None and full_data_epochs < 1:
+        raise UsageError(f"--full-data-epochs must be positive, got {full_data_epochs}")
     if runs < 1:
         raise UsageError(f"--runs must be positive, got {runs}")
     if not models:
@@ -81,12 +90,13 @@ def evaluate_run(run_dir: Path, *, protocol: EvalProtocol, models: Sequence[str]
     device = device_for_rank(device)
     world = join_world(device)
     with run.writer("evaluate") if world.is_main else contextlib.nullcontext():
-        return _evaluate_locked(run, protocol, models, runs, seed, baseline, device, world, data_root, on_job)
+        return _evaluate_locked(run, protocol, models, runs, seed, baseline, device, world, data_root,
+                                full_data_epochs, on_job)
 
 
 def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str], runs: int, seed: int | None,
                      baseline: bool, device: torch.device, world: World, data_root: Path,
-                     on_job: Callable[[int, int, str], None]) -> dict[str, Any]:
+                     full_data_epochs: int | None, on_job: Callable[[int, int, str], None]) -> dict[str, Any]:
     synthetic = load_run_synthetic(run.path)
     seed = synthetic.seed if seed is None else seed
     config = synthetic.config
@@ -113,7 +123,8 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
         mean, std = summarize(accuracies)
         return {"model": model, "kind": kind, "protocol": protocol.name, "accuracies": accuracies, "mean": mean,
                 "std": std, "runs": runs, "seed": seed, "train_images": len(sets[kind].labels),
-                "train_digest": digests[kind], "protocol_settings": settings, "speed_settings": speed}
+                "train_digest": digests[kind], "protocol_settings": settings, "speed_settings": speed,
+                **({"details": details[model, kind]} if details.get((model, kind)) else {})}
 
     same = lambda r: (r.get("kind") in sets and r.get("train_digest") == digests[r["kind"]]  # noqa: E731
                       and (r.get("protocol"), _canonical(r.get("protocol_settings")), r.get("runs"), r.get("seed"))
@@ -125,11 +136,16 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
     for model, kind, r in world.share(jobs):
         calls.setdefault((model, kind), []).append(r)
     accuracy: dict[tuple[str, str, int], float] = {}
+    details: dict[tuple[str, str], dict[str, Any]] = {}
     for done, ((model, kind), run_ids) in enumerate(calls.items()):
         on_job(done, len(calls), f"{model} / {kind}")
         with blame(label("protocol", protocol.name), "evaluate"):
-            got = list(protocol.evaluate(builder(model, synthetic.spec), sets[kind], test, synthetic.spec, run_ids,
-                                         seed, device, data=data))
+            got = protocol.evaluate(builder(model, synthetic.spec), sets[kind], test, synthetic.spec, run_ids, seed,
+                                    device, data=data)
+        if isinstance(got, Evaluation):
+            details[model, kind] = got.details
+            got = got.accuracies
+        got = list(got)
         if len(got) != len(run_ids):
             raise UsageError(f"protocol {protocol.name!r} returned {len(got)} accuracies for {len(run_ids)} runs")
         accuracy.update({(model, kind, r): float(a) for r, a in zip(run_ids, got)})
@@ -137,14 +153,39 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
             report.add([row(model, kind, [accuracy[model, kind, r] for r in range(runs)])])
     on_job(len(calls), len(calls), "")
     if world.active:
-        accuracy = merge_dicts(accuracy)
+        accuracy, details = merge_dicts(accuracy), merge_dicts(details)
     rows = [finished.get((model, kind)) or row(model, kind, [accuracy[model, kind, r] for r in range(runs)])
             for model in models for kind in sets]
+    if world.is_main:
+        hard = getattr(protocol, "hard_labels", lambda: protocol)()
+        full = {model: full_data_accuracy(hard.with_overrides(epochs=full_data_epochs), builder(model, synthetic.spec),
+                                          data, test, synthetic.spec, runs, seed)
+                for model in models} if full_data_epochs is not None else {}
+        rows = [_scored(r, report.rows + rows, hard.settings(), full.get(r["model"])) for r in rows]
     report.add(rows)
     if world.active:
         torch.distributed.barrier()  # the files exist when any rank returns
     return {**report.header, "results": report.rows, "new": rows, "reused": sorted(finished),
             "write_error": report.error}
+
+
+def _scored(row: dict[str, Any], rows: list[dict[str, Any]], hard_settings: dict[str, Any],
+            full: dict[str, Any] | None) -> dict[str, Any]:
+    """A synthetic row with its scores and their inputs (a baseline row, or a row without a random one, as is)."""
+    def mean(kind: str, settings: dict[str, Any]) -> float | None:  # the recipe decides, not the protocol's name
+        found = [r["mean"] for r in rows if r["model"] == row["model"] and r["kind"] == kind
+                 and _canonical(recipe(r["protocol_settings"])) == _canonical(recipe(settings))]
+        return found[-1] if found else None
+
+    random = mean("random-baseline", row["protocol_settings"])
+    if row["kind"] != "synthetic" or random is None:
+        return row
+    full = full or (row.get("references") or {}).get("full_data")  # a reused row keeps the reference it had
+    references = {"random": random, "synthetic_hard": mean("synthetic", hard_settings),
+                  "random_hard": mean("random-baseline", hard_settings), "full_data": full}
+    return {**row, "references": references,
+            "scores": scores(row["mean"], random, references["synthetic_hard"], references["random_hard"],
+                             full["mean"] if full else None)}
 
 
 def _canonical(settings: Any) -> str:
@@ -174,9 +215,11 @@ class _Report:
             return
         try:
             atomic_write_json({**self.header, "results": self.rows}, self.run.eval_json)
-            header = "model,kind,protocol,runs,seed,mean,std,accuracies\n"
+            header = f"model,kind,protocol,runs,seed,mean,std,accuracies,{','.join(SCORES)}\n"
+            score = lambda r, k: "" if r.get("scores", {}).get(k) is None else f"{r['scores'][k]:.4f}"  # noqa: E731
             lines = [f"{r['model']},{r['kind']},{r['protocol']},{r['runs']},{r['seed']},{r['mean']:.4f},"
-                     f"{r['std']:.4f},{' '.join(f'{a:.2f}' for a in r['accuracies'])}\n" for r in self.rows]
+                     f"{r['std']:.4f},{' '.join(f'{a:.2f}' for a in r['accuracies'])},"
+                     f"{','.join(score(r, k) for k in SCORES)}\n" for r in self.rows]
             atomic_write_bytes(self.run.eval_csv, (header + "".join(lines)).encode())
         except OSError as exc:
             self.error = exc

@@ -107,7 +107,8 @@ class DataContext:
     * ``dataset``: the :class:`DatasetSpec` as built from ``--dataset`` and its options;
     * ``options``: those options (``--set dataset.*``), as recorded in the run's config;
     * ``root``: the resolved data root, absolute;
-    * ``device``: where :meth:`train` gathers images.
+    * ``device``: where :meth:`train` gathers images;
+    * :meth:`model`: an evaluator architecture by name, for these images (a soft-label teacher).
 
     :meth:`train` is the **full** training split, every class, even on a torchrun rank that optimises only
     some (a trained extractor needs them all); it is loaded on first use and then shared (the host's own
@@ -117,10 +118,15 @@ class DataContext:
     """
 
     def __init__(self, dataset: DatasetSpec, options: Mapping[str, Any], root: Path, device: torch.device,
-                 load_train: Callable[[], RealImages]) -> None:
+                 load_train: Callable[[], RealImages], build_model: Callable[[str], "ModelBuilder"]) -> None:
         self.dataset, self.options, self.root, self.device = dataset, dict(options), Path(root), device
-        self._load_train = load_train
+        self._load_train, self._build_model = load_train, build_model
         self._train: RealImages | None = None
+
+    def model(self, name: str) -> "ModelBuilder":
+        """The evaluator zoo's ``name`` (any ``--models`` name) built for this dataset's images, e.g. a teacher;
+        an unknown name or one that cannot take these images is a :class:`~distillkit.errors.UsageError`."""
+        return self._build_model(name)
 
     @property
     def spec(self) -> ImageSpec:
@@ -243,6 +249,16 @@ class ModelBuilder:
         return self.build()
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What :meth:`EvalProtocol.evaluate` may return instead of a bare list of accuracies: the accuracies, and
+    ``details`` (plain JSON values) that ``eval.json`` records beside them, e.g. a teacher's own test accuracy
+    and whether it came from the cache."""
+
+    accuracies: list[float]
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 @runtime_checkable
 class EvalProtocol(_Protocol):
     """Trains evaluator models on a synthetic set and tests them on real data.
@@ -252,7 +268,9 @@ class EvalProtocol(_Protocol):
     --set protocol.OPTION=VALUE`` and from the shortcuts ``--epochs`` (``epochs``), ``--test-limit``
     (``test_limit``), ``--stacked`` and ``--compile``. The host calls exactly these members, in this
     order: :meth:`with_overrides`, :meth:`for_dataset`, :meth:`settings` and :meth:`speed_settings`, then
-    :meth:`evaluate` once per (model, training set).
+    :meth:`evaluate` once per (model, training set). A protocol may also define ``hard_labels()``: the same
+    recipe with the set's own labels (a soft-label protocol's hard counterpart), which the full-data
+    reference and the hard-label scores are computed under; without it the protocol is its own.
     """
 
     name: str
@@ -275,8 +293,9 @@ class EvalProtocol(_Protocol):
     def evaluate(
         self, model: ModelBuilder, train: TrainingSet, test: TrainingSet, spec: ImageSpec, run_ids: Sequence[int],
         seed: int, device: torch.device, data: DataContext,
-    ) -> list[float]:
-        """Test accuracy (0-100) of a freshly trained ``model()`` network per run in ``run_ids``, in that order.
+    ) -> list[float] | Evaluation:
+        """Test accuracy (0-100) of a freshly trained ``model()`` network per run in ``run_ids``, in that order
+        (or an :class:`Evaluation` holding them and details to record).
 
         Run ``r`` must depend only on ``(seed, model.name, r)``, never on which other runs share the
         call: that is what lets ``evaluate`` spread runs over torchrun ranks and still write the

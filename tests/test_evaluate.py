@@ -363,15 +363,16 @@ def _ops(draws, runs: int, epochs: int, n: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["dc-classic", "idc"])
 def test_protocols_draw_one_augmentation_op_per_training_batch_as_the_references(name):
     from distillkit.augment import Augment
+    from distillkit.eval_draws import draw
 
     proto = registry.create("protocols", name).with_overrides(batch_size=8)
     bounds = [(0, 8), (8, 16), (16, 20)]
     aug = Augment(proto.augment, proto.augment_strategy)
-    ops = _ops(proto._draw(aug, [0, 1], 0, "convnet3", 0, 6, (28, 28), bounds, torch.device("cpu")), 2, 6, 20)
+    ops = _ops(draw(proto, aug, [0, 1], 0, "convnet3", 0, 6, (28, 28), bounds, torch.device("cpu")), 2, 6, 20)
     for s, e in bounds:  # every sample of a batch drew the batch's op ...
         assert (ops[:, :, s:e] == ops[:, :, s:s + 1]).all()
     assert len({tuple(ops[r, k, s].tolist()) for r in range(2) for k in range(6) for s, _ in bounds}) > 1  # ... not one op
     per_sample = proto.with_overrides(op_per="sample")
-    mixed = _ops(per_sample._draw(aug, [0, 1], 0, "convnet3", 0, 6, (28, 28), bounds, torch.device("cpu")), 2, 6, 20)
+    mixed = _ops(draw(per_sample, aug, [0, 1], 0, "convnet3", 0, 6, (28, 28), bounds, torch.device("cpu")), 2, 6, 20)
     assert any((mixed[:, :, s:e] != mixed[:, :, s:s + 1]).any() for s, e in bounds)
     assert proto.settings()["op_per"] == "batch" and per_sample.settings()["op_per"] == "sample"
