@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from distillkit import devices
 from distillkit.augment import Augment, AugmentParams
@@ -270,6 +270,12 @@ class TrainingProtocol:
             warnings.warn(f"{model.name}: runs train one by one: {why}", stacklevel=2)
         return [acc for r, m in zip(run_ids, models)
                 for acc in self._train_and_test(SingleRun(m, self.compile), [r], train, test, seed, model.name)]
+
+    def train_network(self, module: nn.Module, train: TrainingSet, seed: int, model: str, run: int) -> None:
+        """Train ``module`` in place as :meth:`evaluate` trains run ``run`` of ``model`` one by one (the same
+        streams), untested: for a component that needs networks trained on real data (NCFM's extractors)."""
+        with seeded(seed, "eval-train", model, run, device=train.images.device):
+            self._train(SingleRun(module, self.compile), [run], train, seed, model)
 
     def _train_and_test(self, net: StackedRuns | SingleRun, run_ids: list[int], train: TrainingSet, test: TrainingSet,
                         seed: int, model: str) -> list[float]:
