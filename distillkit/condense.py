@@ -8,7 +8,7 @@ Per iteration::
     syn = parameterization.decode(all classes)       # "class" schedule: each class where its own step finds it
     same augmentation parameters as each class's real batch
     loss = objective(real features, synthetic features).sum()
-    one backward; one SGD step ("iteration", DM) or the closed form of one step per class ("class", M3D)
+    one backward; one optimizer step ("iteration", DM) or the closed form of one SGD step per class ("class", M3D)
 
 Every random draw comes from a generator derived from ``(seed, stream,
 iteration, class)``, so a run is reproducible, resumes bit-exactly from a
@@ -76,6 +76,13 @@ def _data_if_declared(kind: str, name: str, data: DataContext) -> dict[str, Data
     return {"data": data} if registry.declares(registry.plugins()[kind].get(name).factory, "data") else {}
 
 
+def image_optimizer(cfg: RunConfig, parameters: list[Tensor]) -> torch.optim.Optimizer:
+    """The optimizer of the synthetic images that ``cfg`` names (:data:`~distillkit.config.OPTIMIZERS`)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.lr_img, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(parameters, lr=cfg.lr_img, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 @dataclass
 class Condenser:
     """State of one distillation: components, optimizer, iteration counter."""
@@ -113,7 +120,7 @@ class Condenser:
         if self.cfg.amp and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise UsageError("--amp on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be "
                              "emulated and slower than float32; leave --amp off here")
-        self.optimizer = torch.optim.SGD(self.param.parameters(), lr=self.cfg.lr_img, momentum=self.cfg.momentum)
+        self.optimizer = image_optimizer(self.cfg, self.param.parameters())
         self._coefficients: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     # -- state -----------------------------------------------------------

@@ -313,8 +313,12 @@ class Method:
     #: cap on decoded synthetic images per class fed to the extractor (None: all)
     batch_syn: int | None = None
     #: "iteration": one optimizer step over all classes per iteration (DM);
-    #: "class": one step per class, in class order (M3D)
+    #: "class": one step per class, in class order (M3D; SGD without weight decay only)
     step: str = "iteration"
+    #: the image optimizer: "sgd" (with ``momentum``) or "adamw" (torch's default betas; NCFM)
+    optimizer: str = "sgd"
+    #: L2 penalty of SGD, decoupled weight decay of AdamW
+    weight_decay: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
