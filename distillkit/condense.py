@@ -17,8 +17,9 @@ checkpoint, and gives the same per-class result whatever subset of classes a
 process owns (class sharding under torchrun).
 
 Checkpoints therefore hold no RNG state: the parameterization tensors, the
-optimizer state (momentum), the iteration and the loss-log position are the
-whole state, because every stream of iteration ``it`` is recomputed from
+optimizer state (SGD's momentum or AdamW's moments), the iteration, the
+loss-log position and the state of :class:`~distillkit.interfaces.Stateful`
+samplers and objectives are the whole state, because every stream of iteration ``it`` is recomputed from
 ``(seed, keys)`` (see :mod:`distillkit.seeding`): the real batches, the
 augmentation parameters and the synthetic subsets here; the initialisation;
 the sampler's networks, initialised inside :func:`~distillkit.seeding.seeded`, which
@@ -55,8 +56,8 @@ STREAMS = {
     "derivation": "distillkit.seeding.derive_seed(seed, *keys): blake2b-64 of 'seed/key/...' seeds a CPU "
                   "torch.Generator; nothing draws from torch's global generators",
     "loop": ["init", "real/ITERATION/CLASS", "augment/ITERATION/CLASS", "syn/ITERATION/CLASS"],
-    "components": "samplers and parameterizations derive theirs from the same seed with their own keys "
-                  "(random-convnet: model/encoder/ITERATION)",
+    "components": "samplers, parameterizations and objectives derive theirs from the same seed with their own "
+                  "keys (random-convnet: model/encoder/ITERATION)",
 }
 
 
