@@ -1,5 +1,5 @@
-"""Seconds per condense iteration and peak memory of the methods (DM, M3D, IDM, DataDAM), with the ratios
-between variants.
+"""Seconds per condense iteration and peak memory of the methods (DM, M3D, IDM, DataDAM, NCFM), with the
+ratios between variants.
 
 Every variant runs through :class:`distillkit.condense.Condenser` (the real loop). For each input
 (MNIST-size 1x28x28 real MNIST; CIFAR-size 3x32x32 generated ``fake`` data) and IPC, the variants'
@@ -10,7 +10,7 @@ median over ``--iterations`` (after one warm-up) is reported with ratios:
 * ``ratio_to_default``: a variant against its method's defaults, i.e. what one speed measure buys:
   ``per-class-real`` (``real_chunk=1``: one real forward per class, the reference codes' shape),
   ``one-call-real`` (``forward_batch`` unlimited: all real images in one extractor call, the default on
-  GPUs), ``amp`` (bf16 autocast), ``channels-last``.
+  GPUs), ``amp`` (bf16 autocast), ``channels-last``, ``sampling-net`` (NCFM's learnt frequencies).
 
 Peak memory: CUDA's ``max_memory_allocated`` per variant (one untimed pass each); on the CPU only the
 process's peak RSS is meaningful, reported once.
@@ -50,6 +50,14 @@ VARIANTS = {
     "m3d/step=iteration": ("m3d", {"step": "iteration"}),
     "idm": ("idm", {}),
     "datadam": ("datadam", {}),
+    "ncfm": ("ncfm", {}),
+    "ncfm/sampling-net": ("ncfm", {}),
+}
+#: name -> component options (``--set``) of a variant. NCFM pretrains its extractors before the first
+#: iteration (20 x 60 epochs by default); one short epoch of each changes no iteration's cost.
+VARIANT_SETS = {
+    "ncfm": ["sampler.epochs=1", "sampler.train_images=1024"],
+    "ncfm/sampling-net": ["sampler.epochs=1", "sampler.train_images=1024", "objective.sampling_net=true"],
 }
 
 
@@ -69,8 +77,7 @@ def main() -> None:
     rows = []
     for input_name in args.inputs:
         dataset, sets = INPUTS[input_name]
-        options = parse_sets(sets)
-        spec = registry.create("datasets", dataset, **options["dataset"])
+        spec = registry.create("datasets", dataset, **parse_sets(sets)["dataset"])
         real = load_split(spec, resolve_root(), train=True, device=device)
         for ipc in args.ipc:
             condensers = {}
@@ -81,7 +88,8 @@ def main() -> None:
                 method, overrides = VARIANTS[name]
                 # every variant matches real batches: M3D's own default is 128, DM's 256
                 cfg = resolve(registry.create("methods", method), dataset, ipc,
-                              {"batch_real": args.batch_real, **overrides}, options)
+                              {"batch_real": args.batch_real, **overrides},
+                              parse_sets([*sets, *VARIANT_SETS.get(name, [])]))
                 condensers[name] = Condenser(cfg, real, device)
                 condensers[name].initialize()
             peaks = {}

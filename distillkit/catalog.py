@@ -23,7 +23,7 @@ from distillkit import registry
 
 #: per kind, the factory arguments the host fills in (never the user's to set)
 HOST_ARGUMENTS: dict[str, tuple[str, ...]] = {
-    "objectives": (), "parameterizations": ("spec", "ipc", "device", "data"),
+    "objectives": ("seed", "device"), "parameterizations": ("spec", "ipc", "device", "data"),
     "samplers": ("spec", "seed", "device", "data"), "datasets": (), "models": ("num_classes", "in_chans", "img_size"),
 }
 

@@ -80,7 +80,7 @@ def cli(ctx: click.Context, plugins_dir: Path | None, debug: bool) -> None:
 # -- distill ---------------------------------------------------------------
 
 _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augment_strategy", "lr_img", "momentum",
-                  "iterations", "batch_real", "batch_syn", "step", "checkpoint_every", "log_every", "real_chunk",
+                  "optimizer", "weight_decay", "iterations", "batch_real", "batch_syn", "step", "checkpoint_every", "log_every", "real_chunk",
                   "forward_batch", "amp", "channels_last", "deterministic")
 
 
@@ -95,6 +95,9 @@ _RUN_OVERRIDES = ("objective", "parameterization", "sampler", "augment", "augmen
 @click.option("--batch-syn", type=int, help="Cap on decoded synthetic images per class per step.")
 @click.option("--lr-img", type=float, help="Learning rate of the synthetic images.")
 @click.option("--momentum", type=float, help="SGD momentum of the synthetic images.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), help="Optimizer of the synthetic images.")
+@click.option("--weight-decay", type=float,
+              help="Weight decay of the synthetic images (SGD: L2 penalty; AdamW: decoupled).")
 @click.option("--step", type=click.Choice(["iteration", "class"]), help="One optimizer step per iteration or per class.")
 @click.option("--objective", help="Override the method's objective (see `distillkit list objectives`).")
 @click.option("--parameterization", help="Override the parameterization (see `distillkit list parameterizations`).")

@@ -8,7 +8,8 @@ Per iteration::
     syn = parameterization.decode(all classes)       # "class" schedule: each class where its own step finds it
     same augmentation parameters as each class's real batch
     loss = objective(real features, synthetic features).sum()
-    one backward; one SGD step ("iteration", DM) or the closed form of one step per class ("class", M3D)
+    one backward; one optimizer step ("iteration", DM) or the closed form of one SGD step per class ("class", M3D)
+    a LearnableObjective's own step (its gradients summed over torchrun ranks first)
 
 Every random draw comes from a generator derived from ``(seed, stream,
 iteration, class)``, so a run is reproducible, resumes bit-exactly from a
@@ -16,8 +17,9 @@ checkpoint, and gives the same per-class result whatever subset of classes a
 process owns (class sharding under torchrun).
 
 Checkpoints therefore hold no RNG state: the parameterization tensors, the
-optimizer state (momentum), the iteration and the loss-log position are the
-whole state, because every stream of iteration ``it`` is recomputed from
+optimizer state (SGD's momentum or AdamW's moments), the iteration, the
+loss-log position and the state of :class:`~distillkit.interfaces.Stateful`
+samplers and objectives are the whole state, because every stream of iteration ``it`` is recomputed from
 ``(seed, keys)`` (see :mod:`distillkit.seeding`): the real batches, the
 augmentation parameters and the synthetic subsets here; the initialisation;
 the sampler's networks, initialised inside :func:`~distillkit.seeding.seeded`, which
@@ -42,10 +44,11 @@ from distillkit.augment import Augment, AugmentParams
 from distillkit.config import RunConfig
 from distillkit.checks import OutputChecks
 from distillkit.data import RealData, data_context, resolve_root
-from distillkit.distributed import World, merge_state
+from distillkit.distributed import World, merge_state, sum_gradients
 from distillkit.errors import ComponentError, UsageError
 from distillkit.features import Features, any_tensor, cat_features, map_features, per_class
-from distillkit.interfaces import DataContext, ImageSpec, Objective, Parameterization, Sampler, Stateful
+from distillkit.interfaces import (DataContext, ImageSpec, LearnableObjective, Objective, Parameterization, Sampler,
+                                   Stateful)
 from distillkit.seeding import generator
 
 #: What a checkpoint records instead of RNG states: how every random stream is derived.
@@ -53,27 +56,38 @@ STREAMS = {
     "derivation": "distillkit.seeding.derive_seed(seed, *keys): blake2b-64 of 'seed/key/...' seeds a CPU "
                   "torch.Generator; nothing draws from torch's global generators",
     "loop": ["init", "real/ITERATION/CLASS", "augment/ITERATION/CLASS", "syn/ITERATION/CLASS"],
-    "components": "samplers and parameterizations derive theirs from the same seed with their own keys "
-                  "(random-convnet: model/encoder/ITERATION)",
+    "components": "samplers, parameterizations and objectives derive theirs from the same seed with their own "
+                  "keys (random-convnet: model/encoder/ITERATION)",
 }
 
 
 def build_components(cfg: RunConfig, spec: ImageSpec, device: torch.device, data: DataContext
                      ) -> tuple[Objective, Parameterization, Sampler, Augment]:
-    objective = registry.create("objectives", cfg.objective, **cfg.objective_options)
+    objective = registry.create("objectives", cfg.objective,
+                                _if_declared("objectives", cfg.objective, seed=cfg.seed, device=device),
+                                **cfg.objective_options)
     param = registry.create("parameterizations", cfg.parameterization,
                             {"spec": spec, "ipc": cfg.ipc, "device": device,
-                             **_data_if_declared("parameterizations", cfg.parameterization, data)},
+                             **_if_declared("parameterizations", cfg.parameterization, data=data)},
                             **cfg.parameterization_options)
     sampler = registry.create("samplers", cfg.sampler, {"spec": spec, "seed": cfg.seed, "device": device,
-                                                        **_data_if_declared("samplers", cfg.sampler, data)},
+                                                        **_if_declared("samplers", cfg.sampler, data=data)},
                               **cfg.sampler_options)
     return objective, param, sampler, Augment(cfg.augment, cfg.augment_strategy)
 
 
-def _data_if_declared(kind: str, name: str, data: DataContext) -> dict[str, DataContext]:
-    """``{"data": data}`` for a factory that declares a ``data`` parameter (the documented contract), else ``{}``."""
-    return {"data": data} if registry.declares(registry.plugins()[kind].get(name).factory, "data") else {}
+def _if_declared(kind: str, name: str, **optional: object) -> dict[str, object]:
+    """The ``optional`` host arguments that ``name``'s factory declares (the documented contract: e.g. ``data``
+    for samplers, ``seed`` and ``device`` for objectives), so a factory that does not ask gets none of them."""
+    factory = registry.plugins()[kind].get(name).factory
+    return {key: value for key, value in optional.items() if registry.declares(factory, key)}
+
+
+def image_optimizer(cfg: RunConfig, parameters: list[Tensor]) -> torch.optim.Optimizer:
+    """The optimizer of the synthetic images that ``cfg`` names (:data:`~distillkit.config.OPTIMIZERS`)."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=cfg.lr_img, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(parameters, lr=cfg.lr_img, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 @dataclass
@@ -100,7 +114,11 @@ class Condenser:
         self.objective, self.param, self.sampler, self.augment = build_components(
             self.cfg, self.real.spec, self.device, self.data)
         self.checks = OutputChecks(self.cfg, self.real.spec)
-        self._objective_takes_classes = registry.declares(self.objective, "classes")
+        self._objective_takes = {name for name in ("classes", "iteration") if registry.declares(self.objective, name)}
+        self._objective_learns = isinstance(self.objective, LearnableObjective)
+        if self._objective_learns and not isinstance(self.objective, Stateful):
+            raise ComponentError(f"{self.checks.labels['objective']} learns parameters (parameters, step) but has no "
+                                 f"state_dict/load_state_dict, so checkpoints could not resume it")
         num_classes = self.real.spec.num_classes
         self.classes = list(range(num_classes)) if self.owned is None else sorted(self.owned)
         smallest = min(self.real.split_counts)
@@ -113,7 +131,7 @@ class Condenser:
         if self.cfg.amp and self.device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
             raise UsageError("--amp on this CPU: it has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be "
                              "emulated and slower than float32; leave --amp off here")
-        self.optimizer = torch.optim.SGD(self.param.parameters(), lr=self.cfg.lr_img, momentum=self.cfg.momentum)
+        self.optimizer = image_optimizer(self.cfg, self.param.parameters())
         self._coefficients: dict[tuple, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
     # -- state -----------------------------------------------------------
@@ -161,7 +179,7 @@ class Condenser:
                 syn = checks.decoded(self.param.decode(self.classes[:1]), 1, self.param.images_per_class)
             features = per_class(extract(syn.flatten(0, 1)), 1, syn.shape[1])
             with checks.blame("objective", "__call__"):
-                checks.losses(self.objective(per_class(real, 1, 2), features, **self._class_ids(self.classes[:1])),
+                checks.losses(self.objective(per_class(real, 1, 2), features, **self._call_extras(self.classes[:1])),
                               1, finite=False)
 
     def load_state_dict(self, state: dict) -> None:
@@ -234,6 +252,9 @@ class Condenser:
         # synthetic side in the same chunks: class losses are independent and a class's gradient reaches only
         # its own rows, so the backward of each chunk adds up to the one of all classes (all: one chunk)
         self.optimizer.zero_grad(set_to_none=True)
+        if self._objective_learns:
+            for p in self.objective.parameters():
+                p.grad = None
         loss = any_tensor(real_features).new_zeros(())
         for start in range(0, len(classes), chunk):
             part = classes[start:start + chunk]
@@ -246,7 +267,7 @@ class Condenser:
             features = per_class(self._features(extract, syn, self.forward_batch), k, n_s)
             block = map_features(lambda t: t[start:start + k], real_features)
             with checks.blame("objective", "__call__"):
-                part_loss = checks.losses(self.objective(block, features, **self._class_ids(part)), k,
+                part_loss = checks.losses(self.objective(block, features, **self._call_extras(part)), k,
                                           finite=True).sum()
             part_loss.backward()
             loss = loss + part_loss.detach()
@@ -254,6 +275,8 @@ class Condenser:
             self._finish_class_steps()
         else:
             self.optimizer.step()
+        if self._objective_learns:
+            self._step_objective()
         self.iteration += 1
         checks.done()
         return loss.detach()
@@ -333,8 +356,21 @@ class Condenser:
                 return map_features(Tensor.float, extract(images))
             return map_features(Tensor.float, cat_features([extract(x) for x in images.split(batch)]))
 
-    def _class_ids(self, part: Sequence[int]) -> dict[str, Tensor]:
-        """``{"classes": (K,) int64 ids}`` for an objective that declares ``classes`` (a cached constant)."""
-        if not self._objective_takes_classes:
-            return {}
-        return {"classes": devices.constant(tuple(part), torch.long, self.device)}
+    def _step_objective(self) -> None:
+        """A :class:`~distillkit.interfaces.LearnableObjective`'s own step, after the images'. Under torchrun each
+        rank saw only its classes' losses: the gradients are summed over the ranks first, so every rank takes
+        the same step and keeps the same parameters."""
+        if self.world.active:
+            sum_gradients(self.objective.parameters())
+        with self.checks.blame("objective", "step"):
+            self.objective.step()
+
+    def _call_extras(self, part: Sequence[int]) -> dict[str, object]:
+        """What the objective's ``__call__`` declares beyond the features: ``classes``, the block's ``(K,)`` int64
+        ids (a cached device constant), and ``iteration``."""
+        extras: dict[str, object] = {}
+        if "classes" in self._objective_takes:
+            extras["classes"] = devices.constant(tuple(part), torch.long, self.device)
+        if "iteration" in self._objective_takes:
+            extras["iteration"] = self.iteration
+        return extras

@@ -11,6 +11,8 @@ from distillkit.errors import UsageError
 from distillkit.interfaces import Method
 
 COMPONENTS = ("objective", "parameterization", "sampler", "dataset")
+#: the image optimizers (:attr:`Method.optimizer`)
+OPTIMIZERS = ("sgd", "adamw")
 
 
 #: RunConfig fields that change how fast a run computes, not what (speed settings): ``--resume`` may change them
@@ -36,6 +38,9 @@ class RunConfig:
     batch_syn: int | None
     step: str
     seed: int = 0
+    # defaults: what every run wrote before the optimizer could be chosen, so their configs still load
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
     dataset_options: Mapping[str, Any] = field(default_factory=dict)
     objective_options: Mapping[str, Any] = field(default_factory=dict)
     parameterization_options: Mapping[str, Any] = field(default_factory=dict)
@@ -123,6 +128,7 @@ def resolve(method: Method, dataset: str, ipc: int, overrides: Mapping[str, Any]
         "augment": method.augment, "augment_strategy": method.augment_strategy,
         "lr_img": lr_for_ipc(method.lr_img, ipc), "momentum": method.momentum, "iterations": method.iterations,
         "batch_real": method.batch_real, "batch_syn": method.batch_syn, "step": method.step,
+        "optimizer": method.optimizer, "weight_decay": method.weight_decay,
     }
     for component in ("objective", "parameterization", "sampler"):
         name = given.pop(component, None) or getattr(method, component)
@@ -145,4 +151,12 @@ def resolve(method: Method, dataset: str, ipc: int, overrides: Mapping[str, Any]
         raise UsageError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.step not in ("iteration", "class"):
         raise UsageError(f"unknown step schedule {cfg.step!r}; choose one of: iteration, class")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {cfg.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
+    if cfg.step == "class" and (cfg.optimizer != "sgd" or cfg.weight_decay):
+        # the schedule's closed form (Condenser) is that of momentum SGD, linear in the gradients
+        raise UsageError(f"--step class needs --optimizer sgd without weight decay, got --optimizer "
+                         f"{cfg.optimizer} --weight-decay {cfg.weight_decay}; use --step iteration")
     return cfg

@@ -82,6 +82,18 @@ def sum_across(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sum_gradients(parameters: Sequence[torch.Tensor]) -> None:
+    """Replace each parameter's gradient by its sum over the ranks (a missing one counts as zeros), in one
+    all-reduce of the flattened gradients."""
+    if not parameters:  # an objective that learns nothing this run (e.g. NCFM without its sampling network)
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    for p, total in zip(parameters, flat.split([g.numel() for g in grads])):
+        p.grad = total.view_as(p)
+
+
 def merge_dicts(mine: dict) -> dict:
     """Every rank's dict merged into one, on every rank (small Python objects: results, not tensors)."""
     parts: list[dict | None] = [None] * dist.get_world_size()

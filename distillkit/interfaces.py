@@ -156,15 +156,41 @@ class Stateful(_Protocol):
 class Objective(_Protocol):
     """Loss between real and synthetic features, batched over a block of classes.
 
-    Factory: ``factory(**options) -> Objective``. An objective may be :class:`Stateful`.
-    ``real`` has shape ``(K, n_r, d)`` and carries no gradient; ``syn`` has shape
-    ``(K, n_s, d)``. Where the extractor returns named features (see :class:`Sampler`), both are
-    mappings ``{name: (K, n, ...)}``. An objective whose ``__call__`` declares a ``classes``
-    parameter also receives the block's class ids, ``(K,)`` int64 on the device (for a
-    classification term). Returns the per-class losses, shape ``(K,)``; the loop sums them.
+    Factory: ``factory(**options) -> Objective``, plus ``seed`` (the run seed, int) and ``device`` (the
+    run's ``torch.device``) for a factory that declares those parameters. ``real`` has shape
+    ``(K, n_r, d)`` and carries no gradient; ``syn`` has shape ``(K, n_s, d)``. Where the extractor
+    returns named features (see :class:`Sampler`), both are mappings ``{name: (K, n, ...)}``. An
+    objective whose ``__call__`` declares a ``classes`` parameter also receives the block's class ids,
+    ``(K,)`` int64 on the device (for a classification term); one that declares ``iteration`` receives
+    the iteration number (an int: key its random draws by ``(seed, iteration)``, never by class, so a
+    class's loss does not depend on which classes share its block). Returns the per-class losses,
+    shape ``(K,)``; the loop sums them. An objective may be :class:`Stateful`; one that learns
+    parameters of its own is a :class:`LearnableObjective`.
     """
 
     def __call__(self, real: Tensor | Mapping[str, Tensor], syn: Tensor | Mapping[str, Tensor]) -> Tensor: ...
+
+
+@runtime_checkable
+class LearnableObjective(_Protocol):
+    """An :class:`Objective` with learnable parameters of its own, e.g. NCFM's sampling network, which is
+    trained to *maximise* the discrepancy the images minimise (a min-max game).
+
+    Per iteration the host clears the gradients of :meth:`parameters`, runs the one backward of the loss
+    (its chunks' backwards add up), updates the images, then, under torchrun class sharding, sums these
+    gradients over the ranks (each rank saw only its own classes' losses), and calls :meth:`step` once.
+    The gradients are those of the summed loss over all classes, so ``step`` ascends them to maximise.
+    Every rank then holds the same parameters. Must also be :class:`Stateful` (parameters and optimizer
+    moments), seeded from the factory's ``seed``, so a resumed run is bit-identical.
+    """
+
+    def parameters(self) -> list[Tensor]:
+        """The objective's learnable tensors (leaves with ``requires_grad``). Asked for again each iteration, so
+        an objective may build them at its first call, when it sees the feature dimension (and in
+        :meth:`~Stateful.load_state_dict`, from the saved shapes)."""
+
+    def step(self) -> None:
+        """Update :meth:`parameters` from their gradients (populated, summed over all classes)."""
 
 
 @runtime_checkable
@@ -332,8 +358,12 @@ class Method:
     #: cap on decoded synthetic images per class fed to the extractor (None: all)
     batch_syn: int | None = None
     #: "iteration": one optimizer step over all classes per iteration (DM);
-    #: "class": one step per class, in class order (M3D)
+    #: "class": one step per class, in class order (M3D; SGD without weight decay only)
     step: str = "iteration"
+    #: the image optimizer: "sgd" (with ``momentum``) or "adamw" (torch's default betas; NCFM)
+    optimizer: str = "sgd"
+    #: L2 penalty of SGD, decoupled weight decay of AdamW
+    weight_decay: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

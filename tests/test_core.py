@@ -15,7 +15,7 @@ from distillkit.augment import Augment
 from distillkit.config import parse_sets, resolve
 from distillkit.condense import Condenser
 from distillkit.data import load_split, resolve_root
-from distillkit.errors import UsageError
+from distillkit.errors import ComponentError, UsageError
 from distillkit.interfaces import Objective, Parameterization, Sampler
 from tests.conftest import run_cli
 
@@ -338,3 +338,74 @@ def test_class_chunks_bound_memory_without_changing_the_step(mnist, step):
     assert not torch.equal(whole, start)  # the images moved, so the comparison below means something
     assert chunked_losses == pytest.approx(whole_losses, rel=1e-5)
     torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+
+
+class _LearntShift:
+    """A toy LearnableObjective: DM's mean gap after a learnt shift of the synthetic mean, which ascends it."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.host, self.shift, self.seen = (seed, device), None, []
+
+    def __call__(self, real, syn, iteration):
+        if self.shift is None:  # built at the first call, as the interface allows
+            self.shift = torch.zeros(syn.shape[-1], requires_grad=True)
+        self.seen.append(("call", iteration))
+        return (real.mean(1) - syn.mean(1) - self.shift).pow(2).sum(-1)
+
+    def parameters(self):
+        return [] if self.shift is None else [self.shift]
+
+    def step(self):
+        self.seen.append(("step", self.shift.grad.clone()))
+        with torch.no_grad():
+            self.shift += 0.1 * self.shift.grad
+        self.shift.grad = torch.full_like(self.shift, 1e6)  # the host must clear it before the next backward
+
+    def state_dict(self):
+        return {"shift": self.shift.detach().clone()}
+
+    def load_state_dict(self, state):
+        self.shift = state["shift"].clone().requires_grad_()
+
+
+class _UnsavedShift:
+    """Learns (parameters, step) but keeps no state: a checkpoint could not resume it."""
+
+    def __call__(self, real, syn):
+        return (real.mean(1) - syn.mean(1)).pow(2).sum(-1)
+
+    def parameters(self):
+        return []
+
+    def step(self):
+        pass
+
+
+def test_a_learnable_objective_gets_its_host_arguments_and_one_step_per_iteration(mnist):
+    objectives = registry.plugins()["objectives"]
+    objectives.add("learnt-shift", _LearntShift, "tests")
+    condenser = Condenser(_tiny_cfg(objective="learnt-shift", seed=7), mnist, torch.device("cpu"))
+    condenser.initialize()
+    toy = condenser.objective
+    assert toy.host == (7, torch.device("cpu"))  # the factory declared seed and device
+    for _ in range(2):
+        condenser.run_iteration()
+    calls = [entry for entry in toy.seen if entry[0] == "call"]
+    steps = [entry[1] for entry in toy.seen if entry[0] == "step"]
+    assert calls == [("call", 0), ("call", 1)] and len(steps) == 2  # one step per iteration, after the loss
+    assert all(0 < g.abs().max() < 1e5 for g in steps)  # populated by the backward, cleared in between
+    assert "objective" in condenser.state_dict()["components"]
+    objectives.add("unsaved-shift", _UnsavedShift, "tests")
+    with pytest.raises(ComponentError, match="learns parameters .* but has no state_dict/load_state_dict"):
+        Condenser(_tiny_cfg(objective="unsaved-shift"), mnist, torch.device("cpu"))
+
+
+def test_the_image_optimizer_is_chosen_by_the_config(mnist):
+    adamw = Condenser(_tiny_cfg(optimizer="adamw", weight_decay=0.1), mnist, torch.device("cpu")).optimizer
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["weight_decay"] == 0.1
+    sgd = Condenser(_tiny_cfg(), mnist, torch.device("cpu")).optimizer
+    assert type(sgd) is torch.optim.SGD and (sgd.defaults["momentum"], sgd.defaults["weight_decay"]) == (0.5, 0.0)
+    with pytest.raises(UsageError, match="unknown optimizer 'adam'; choose one of: sgd, adamw"):
+        _tiny_cfg(optimizer="adam")
+    with pytest.raises(UsageError, match="--step class needs --optimizer sgd without weight decay"):
+        _tiny_cfg(step="class", weight_decay=1e-4)
