@@ -8,7 +8,7 @@ are defined in :mod:`distillkit.datasets`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -19,6 +19,7 @@ from distillkit import devices
 from distillkit.errors import UsageError
 from distillkit.interfaces import DataContext, DatasetSpec, ImageSpec, ModelBuilder, TrainingSet
 from distillkit.models import builder, check_model
+from distillkit.whitening import ZCAWhitening
 
 
 def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
@@ -155,24 +156,44 @@ def _placed(pixels: Tensor, device: torch.device | str) -> Tensor:
     return pixels if pixels.device.type == "cpu" and pixels.is_shared() else pixels.to(device)
 
 
-def load_split(spec: DatasetSpec, root: Path, train: bool, device: torch.device | str = "cpu") -> RealData:
+def load_split(spec: DatasetSpec, root: Path, train: bool, device: torch.device | str = "cpu",
+               image_spec: ImageSpec | None = None) -> RealData:
+    """A split of ``spec`` under ``root``, normalised per gathered batch with ``image_spec``: by default the
+    dataset's, ZCA-whitened (:attr:`DatasetSpec.zca_eps`) with a transform fitted now on the training split; a
+    synthetic set's own spec (which stores the transform it was distilled with) when evaluating one."""
     raw, labels = spec.load(root, train)
     image = spec.image_spec
     expected = (image.channels, image.height, image.width)
     if raw.shape[1:] != expected:
         raise UsageError(f"dataset {spec.name}: images have shape {tuple(raw.shape[1:])}, expected {expected}")
-    return RealData(spec.image_spec, _placed(raw, device), labels.long(), spec.class_names, device)
+    if image_spec is None:
+        image_spec = fitted_image_spec(spec, root, raw if train else None)
+    return RealData(image_spec, _placed(raw, device), labels.long(), spec.class_names, device)
+
+
+def fitted_image_spec(spec: DatasetSpec, root: Path, train_pixels: Tensor | None = None) -> ImageSpec:
+    """``spec``'s image spec, with its ZCA whitening fitted on the training split (read now unless given)."""
+    if spec.zca_eps is None:
+        return spec.image_spec
+    pixels = train_pixels if train_pixels is not None else spec.load(root, True)[0]
+    normalised = spec.image_spec.normalize(pixels.float().div_(255))
+    return replace(spec.image_spec, whitening=ZCAWhitening.fit(normalised, spec.zca_eps))
 
 
 def data_context(spec: DatasetSpec, options: Mapping[str, Any], root: Path, device: torch.device | str,
-                 train: RealData | None = None) -> DataContext:
+                 train: RealData | None = None, image_spec: ImageSpec | None = None) -> DataContext:
     """The :class:`~distillkit.interfaces.DataContext` of ``spec`` under ``root``: its training split is
-    ``train`` when the caller already holds the full split, else loaded on first use, gathered to ``device``."""
+    ``train`` when the caller already holds the full split, else loaded on first use, gathered to ``device``
+    and normalised with ``image_spec`` (see :func:`load_split`). Its ``dataset`` carries that image spec."""
+    image_spec = train.spec if train is not None else image_spec
+    if image_spec is not None:
+        spec = replace(spec, image_spec=image_spec)
+
     def build_model(name: str) -> ModelBuilder:
         check_model(name, spec.image_spec)
         return builder(name, spec.image_spec)
 
     device = torch.device(device)
     load = (lambda: train.restricted(None, device)) if train is not None else \
-        (lambda: load_split(spec, root, train=True, device=device))
+        (lambda: load_split(spec, root, train=True, device=device, image_spec=image_spec))
     return DataContext(spec, options, root, device, load, build_model)

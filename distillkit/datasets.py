@@ -24,6 +24,7 @@ from torch import Tensor
 from distillkit.errors import UsageError
 from distillkit.imagenet import imagenet_datasets
 from distillkit.interfaces import DatasetSpec, ImageSpec
+from distillkit.whitening import DEFAULT_EPS
 
 DIGITS = tuple(str(i) for i in range(10))
 FASHION = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -284,15 +285,18 @@ def builtin_datasets() -> dict[str, Callable[..., DatasetSpec]]:
 
 
 def _fixed(spec: DatasetSpec) -> Callable[..., DatasetSpec]:
-    def factory(train_per_class: int | None = None) -> DatasetSpec:
-        if train_per_class is None:
-            return spec
-        if train_per_class < 1:
+    def factory(train_per_class: int | None = None, zca: bool = False, zca_eps: float = DEFAULT_EPS) -> DatasetSpec:
+        if train_per_class is not None and train_per_class < 1:
             raise UsageError(f"train_per_class must be positive, got {train_per_class}")
-        return replace(spec, load=_first_per_class(spec.load, train_per_class))
+        if zca and zca_eps <= 0:
+            raise UsageError(f"zca_eps must be positive, got {zca_eps}")
+        load = spec.load if train_per_class is None else _first_per_class(spec.load, train_per_class)
+        return replace(spec, load=load, zca_eps=zca_eps if zca else None)
 
     factory.__doc__ = (f"{spec.description}.\n\n``train_per_class=N`` keeps the first N training images of each "
-                       f"class, in file order (quick checks; the test split stays whole).")
+                       f"class, in file order (quick checks; the test split stays whole). ``zca=true`` ZCA-whitens "
+                       f"the normalised images (MTT's preprocessing, ``zca_eps`` {DEFAULT_EPS}), fitted on the "
+                       f"training split; the synthetic set stores the transform (distillkit.whitening).")
     return factory
 
 

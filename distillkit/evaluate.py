@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -102,13 +103,15 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
     config = synthetic.config
     protocol = protocol.for_dataset(config["dataset"])
     dataset = registry.create("datasets", config["dataset"], **config.get("dataset_options", {}))
-    if dataset.image_spec != synthetic.spec:
+    if replace(synthetic.spec, whitening=None) != dataset.image_spec or \
+            (synthetic.spec.whitening is None) != (dataset.zca_eps is None):
         raise UsageError(f"{run.path}: the artifact's image spec {synthetic.spec} does not match dataset "
                          f"{config['dataset']!r} ({dataset.image_spec})")
     for model in models:  # fail on a bad name or an input the model cannot take before hours of training
         check_model(model, synthetic.spec)
-    test = load_split(dataset, data_root, train=False, device=device).as_training_set()
-    data = data_context(dataset, config.get("dataset_options", {}), data_root, device)
+    # real images are normalised as the set was distilled: with its stored spec (and ZCA transform, if any)
+    test = load_split(dataset, data_root, train=False, device=device, image_spec=synthetic.spec).as_training_set()
+    data = data_context(dataset, config.get("dataset_options", {}), data_root, device, image_spec=synthetic.spec)
     sets = {"synthetic": synthetic.training_set(device)}
     if baseline:
         sets["random-baseline"] = random_subset(data.train(), synthetic.ipc, seed)  # the protocol's copy too

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from distillkit import devices
+from distillkit.whitening import ZCAWhitening
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,18 @@ class ImageSpec:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: ZCA whitening after the mean/std normalisation (``--set dataset.zca=true``), fitted on the training split
+    whitening: ZCAWhitening | None = None
 
     def normalize(self, x01: Tensor) -> Tensor:
-        """[0, 1] pixels -> normalised."""
-        return (x01 - self._stat(self.mean, x01)) / self._stat(self.std, x01)
+        """[0, 1] pixels -> normalised (then whitened, with :attr:`whitening`)."""
+        x = (x01 - self._stat(self.mean, x01)) / self._stat(self.std, x01)
+        return self.whitening.apply(x) if self.whitening is not None else x
 
     def denormalize(self, x: Tensor) -> Tensor:
-        """Normalised -> [0, 1] pixels (not clamped)."""
+        """Normalised (whitened) -> [0, 1] pixels (not clamped)."""
+        if self.whitening is not None:
+            x = self.whitening.invert(x)
         return x * self._stat(self.std, x) + self._stat(self.mean, x)
 
     @staticmethod
@@ -47,12 +53,14 @@ class ImageSpec:
     def as_dict(self) -> dict[str, Any]:
         """Plain values, as files store them (:meth:`from_dict` reads them back)."""
         return {"channels": self.channels, "height": self.height, "width": self.width,
-                "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std)}
+                "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std),
+                **({"whitening": self.whitening.as_dict()} if self.whitening is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ImageSpec":
+        whitening = ZCAWhitening.from_dict(data["whitening"]) if data.get("whitening") else None
         return cls(int(data["channels"]), int(data["height"]), int(data["width"]), int(data["num_classes"]),
-                   tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]))
+                   tuple(float(v) for v in data["mean"]), tuple(float(v) for v in data["std"]), whitening)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,9 @@ class DatasetSpec:
     class_names: tuple[str, ...]
     load: Callable[[Path, bool], tuple[Tensor, Tensor]]
     description: str = ""
+    #: ZCA-whiten the images with this ``eps``, fitted on the training split when a split is loaded
+    #: (:func:`distillkit.data.load_split`); None: no whitening
+    zca_eps: float | None = None
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.image_spec.num_classes:
