@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from benchmarks.accuracy import OLD_PROTOCOL_NOTE, protocol_label
 from benchmarks.common import RESULTS
+from distillkit.scores import scores
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- results:begin (python -m benchmarks.report) -->", "<!-- results:end -->"
@@ -52,17 +53,44 @@ def _pm(mean: float, std: float | None) -> str:
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
 
 
+def _full_data(name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """The full-data references measured beside the grid ``name``, by (dataset, protocol)."""
+    path = RESULTS / name.replace("accuracy-", "full_data-")
+    rows = json.loads(path.read_text())["rows"] if path.exists() else []
+    return {(r["dataset"], r["protocol"]): r for r in rows}
+
+
+def _grid_scores(row: dict[str, Any], rows: list[dict[str, Any]], full: dict[tuple[str, str], dict]) -> list[str]:
+    """IOR, hard-label recovery and LRS of a grid row against the random row of its cell and the full-data
+    reference of its dataset and protocol (the same recipe but the epochs; '–' where one is missing)."""
+    random = [r for r in rows if r["method"] == "random" and (r["dataset"], r["ipc"], protocol_label(r)) ==
+              (row["dataset"], row["ipc"], protocol_label(row))]
+    if row["method"] == "random" or not random:
+        return ["–"] * 3
+    reference = full.get((row["dataset"], protocol_label(row)))
+    less = lambda s: {k: v for k, v in (s or {}).items() if k not in ("epochs", "name")}  # noqa: E731
+    if reference and less(reference["protocol_settings"]) != less(row.get("protocol_settings")):
+        reference = None  # another recipe: no score
+    got = scores(row["mean"], random[0]["mean"], row["mean"], random[0]["mean"],
+                 reference["mean"] if reference else None)
+    form = lambda key, spec: "–" if got[key] is None else format(got[key], spec)  # noqa: E731
+    return [form("improvement_over_random", "+.2f"), form("hard_label_recovery", ".3f"),
+            form("label_robust_score", ".3f")]
+
+
 def accuracy(name: str, report: dict[str, Any]) -> str:
-    order = {"random": 0, "dm": 1, "m3d": 2, "idm": 3, "datadam": 4}
+    order = {"random": 0, "dm": 1, "m3d": 2, "idm": 3, "datadam": 4, "ncfm": 5}
     rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], protocol_label(r) != "dc-classic",
                                                  protocol_label(r), order.get(r["method"], 9)))
+    full = _full_data(name)
     table = []
     for r in rows:
         published = "–" if r["published"] is None else (
             f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
             + ("" if r["published_verified"] else " *"))
         table.append([r["dataset"], str(r["ipc"]), r["method"], protocol_label(r), _pm(r["mean"], r["std"]),
-                      published, str(r.get("iterations", "–")), str(r.get("batch_real", "–"))])
+                      *_grid_scores(r, rows, full), published, str(r.get("iterations", "–")),
+                      str(r.get("batch_real", "–"))])
     cells: dict[tuple[str, int, str], dict[str, float]] = {}
     for r in rows:
         cells.setdefault((r["dataset"], r["ipc"], protocol_label(r)), {})[r["method"]] = r["mean"]
@@ -71,7 +99,7 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         if {"random", "dm", "m3d"} <= set(means):
             holds = means["m3d"] >= means["dm"] > means["random"]
             verdicts.append(f"{dataset} IPC {ipc} ({protocol}): {'yes' if holds else '**no**'}")
-        for method in ("idm", "datadam"):  # the later DM-family methods, each against DM in the same cell
+        for method in ("idm", "datadam", "ncfm"):  # the later DM-family methods, each against DM in the same cell
             if {method, "dm"} <= set(means):
                 holds = means[method] >= means["dm"]
                 against_dm.append(f"{method} on {dataset} IPC {ipc} ({protocol}): {'yes' if holds else '**no**'}")
@@ -89,13 +117,58 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         f"condense settings in the last two columns. Published figures are full-scale (method-notes.md; * = not "
         f"yet verified against the paper) and are there for orientation only. "
         + (OLD_PROTOCOL_NOTE if any("protocol_settings" not in r for r in rows) else ""),
-        _table(["dataset", "IPC", "method", "protocol", "distillkit", "published", "iterations", "real/class"], table),
+        "Scores (`distillkit.scores`): `vs random`, the improvement over the random row of the cell in points; "
+        "`recovery`, the share of the random-to-full-data gap the set closes; `LRS`, DD-Ranking's label-robust "
+        "score on fractions. The full-data references are the next table's (hard labels, far fewer epochs than "
+        "the rows: a CPU budget, so `recovery` overstates what the sets recover at full scale); `–` where a "
+        "reference is missing." if full else None,
+        _table(["dataset", "IPC", "method", "protocol", "distillkit", "vs random", "recovery", "LRS", "published",
+                "iterations", "real/class"], table),
         ("M3D ≥ DM > random: " + "; ".join(verdicts) + ".") if verdicts else None,
         ("At least DM's accuracy: " + "; ".join(against_dm) + ".") if against_dm else None,
         _source(name, report),
         ("The grid was completed in parts (each row records its command and date): "
          + "; ".join(f"{', '.join(cells)} by `{_command(command)}`" for command, cells in cells_by_command.items())
          + ".") if len(cells_by_command) > 1 else None]))
+
+
+def full_data(name: str, report: dict[str, Any]) -> str:
+    table = [[r["dataset"], r["protocol"], r["model"], str(r["epochs"]), str(r["runs"]), _pm(r["mean"], r["std"])]
+             for r in report["rows"]]
+    return "\n\n".join([
+        "**Full-data references** of the scores above: ConvNet-3 trained on the whole training split under the "
+        "row's protocol with hard labels, for the epochs shown (`distillkit.references`, cached).",
+        _table(["dataset", "protocol", "model", "epochs", "runs", "accuracy (%)"], table), _source(name, report)])
+
+
+def soft_labels(name: str, report: dict[str, Any]) -> str:
+    rows = [r for r in report["rows"] if r["kind"] == "synthetic"]
+    randoms = {(r["dataset"], r["ipc"], r["labels"]): r for r in report["rows"] if r["kind"] == "random-baseline"}
+    table = []
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["ipc"], r["method"], r["labels"] != "hard")):
+        got, references = r.get("scores") or {}, r.get("references") or {}
+        teacher = (r.get("details") or {}).get("teacher")
+        form = lambda key, spec: "–" if got.get(key) is None else format(got[key], spec)  # noqa: E731
+        random = randoms.get((r["dataset"], r["ipc"], r["labels"]))
+        table.append([r["dataset"], str(r["ipc"]), r["method"], r["protocol"], _pm(r["mean"], r["std"]),
+                      _pm(random["mean"], random["std"]) if random else "–",
+                      f"{references['full_data']['mean']:.2f}" if references.get("full_data") else "–",
+                      f"{teacher['test_accuracy']:.2f}" if teacher else "–",
+                      form("improvement_over_random", "+.2f"), form("hard_label_recovery", ".3f"),
+                      form("label_robust_score", ".3f")])
+    example = next((r for r in rows if r["labels"] != "hard"), rows[0])
+    settings = example["protocol_settings"]
+    return "\n\n".join([
+        f"**Hard and soft labels**, the same sets and random subsets under `dc-classic` and `soft-label` "
+        f"(its recipe on a ConvNet-3 teacher's soft labels, KL at temperature {settings.get('temperature', '–')}, "
+        f"teacher trained {settings.get('teacher_epochs', '–')} (+1) epochs on the full training split): "
+        f"{settings['epochs']} epochs x {len(example['accuracies'])} runs, condensed at the grid's smoke budget. "
+        f"The soft rows' LRS takes HLR from the hard rows (DD-Ranking's definition); the full-data reference "
+        f"trained {example['references']['full_data']['epochs'] if (example.get('references') or {}).get('full_data') else '–'} "
+        f"epoch(s) here.",
+        _table(["dataset", "IPC", "method", "protocol", "synthetic", "random", "full data", "teacher", "vs random",
+                "recovery", "LRS"], table),
+        _source(name, report)])
 
 
 def learning_rate(name: str, report: dict[str, Any]) -> str:
@@ -250,8 +323,9 @@ def _skipped(skipped: list[str], rows: list[dict[str, Any]], classes: int) -> st
 
 #: (section renderer, result file); a section whose file is missing is left out
 SECTIONS: list[tuple[Callable[[str, dict[str, Any]], str], str]] = [
-    (accuracy, "accuracy-smoke-cpu.json"), (accuracy, "accuracy-paper-cuda.json"),
-    (learning_rate, "learning_rate-smoke-cpu.json"),
+    (accuracy, "accuracy-smoke-cpu.json"), (full_data, "full_data-smoke-cpu.json"),
+    (accuracy, "accuracy-paper-cuda.json"), (soft_labels, "soft_labels-smoke-cpu.json"),
+    (soft_labels, "soft_labels-smoke-cuda.json"), (learning_rate, "learning_rate-smoke-cpu.json"),
     (speed, "speed-cpu.json"), (speed, "speed-cuda.json"), (reference, "reference_dm-cpu.json"),
     (reference_eval, "reference_eval-cpu.json"), (reference_eval, "reference_eval-cuda.json"),
     (m3d_vs_dm, "m3d_vs_dm-cpu.json"), (eval_speed, "eval_speed-cpu.json"), (eval_speed, "eval_speed-cuda.json"),
