@@ -4,7 +4,8 @@ and ``describe``.
 A component's options are read from its factory's signature, less the arguments the host passes
 itself (:data:`HOST_ARGUMENTS`, as :mod:`distillkit.interfaces` defines them), so ``describe`` can never
 disagree with what ``--set`` accepts. Methods and protocols are registered as instances: a method's
-options are its fields, a protocol's its :meth:`~distillkit.interfaces.EvalProtocol.settings`.
+options are its fields, a protocol's its :meth:`~distillkit.interfaces.EvalProtocol.settings` that
+``with_overrides`` accepts.
 """
 
 from __future__ import annotations
@@ -90,10 +91,20 @@ def describe(kind: str, name: str) -> Description:
                            options, SET_WITH[kind])
     if kind == "protocols":
         protocol = factory if not callable(factory) or _is_instance(factory) else factory()
-        options = tuple(Option(k, type(v).__name__, repr(v)) for k, v in protocol.settings().items())
+        options = tuple(Option(k, type(v).__name__, repr(v)) for k, v in protocol.settings().items()
+                        if _settable(protocol, k, v))
         return Description(kind, name, entry.plugin, _doc(type(protocol).__doc__), options, SET_WITH[kind])
     options, extra = factory_options(factory, HOST_ARGUMENTS.get(kind, ()))
     return Description(kind, name, entry.plugin, _doc(factory.__doc__), options, SET_WITH[kind], extra)
+
+
+def _settable(protocol: Any, key: str, value: Any) -> bool:
+    """Whether ``--set protocol.KEY`` is an option (settings also record what is not: its name, its labels)."""
+    try:
+        protocol.with_overrides(**{key: value})
+    except Exception:  # noqa: BLE001 - any refusal means "not an option"
+        return False
+    return True
 
 
 def _is_instance(factory: Any) -> bool:

@@ -43,10 +43,14 @@ def teacher_loss(teacher: nn.Module, temperature: float) -> BatchLoss:
 
 @dataclass(frozen=True)
 class SoftLabelProtocol(TrainingProtocol):
-    """A :class:`TrainingProtocol` trained on a teacher's soft labels (see the module docstring).
+    """A :class:`TrainingProtocol` whose evaluators learn a teacher's soft labels of every training batch, after
+    augmentation and CutMix: KL(teacher || evaluator) of both predictions softened by ``temperature`` (DD-Ranking's
+    loss, T = 1.2); the set's own labels are not used.
 
-    ``teacher`` names the teacher's architecture (any evaluator name), ``teacher_epochs`` its training epochs on
-    the full training split, ``temperature`` the softening of both predictions.
+    ``teacher`` names the teacher's architecture (any evaluator name); it trains ``teacher_epochs`` epochs on the
+    full training split under this recipe with hard labels, as run 0 of the evaluation seed, once: it is cached
+    in ``~/.cache/distillkit/references`` (``$DISTILLKIT_REFERENCE_CACHE``), and every result records its test
+    accuracy and whether it was read back (``details.teacher.cache``: ``hit`` or ``trained``).
     """
 
     teacher: str = "convnet3"
