@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the scale's evaluation epochs")
     parser.add_argument("--runs", type=int, help="override the scale's evaluation runs")
     parser.add_argument("--iterations", type=int, help="override the scale's condense iterations")
+    parser.add_argument("--distill-set", action="append", default=[], metavar="METHOD:COMPONENT.OPTION=VALUE",
+                        help="an extra --set for one method's distill (recorded in its rows), e.g. a CPU-sized "
+                             "pretraining: ncfm:sampler.networks=4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks"), help="where run directories go")
@@ -78,6 +81,13 @@ def main() -> None:
     epochs, runs = args.epochs or scale["epochs"], args.runs or scale["runs"]
     device = resolve_device(args.device)
     distilled = [m for m in args.methods if m != "random"]
+    extra_sets: dict[str, list[str]] = {}
+    for text in args.distill_set:
+        method, _, option = text.partition(":")
+        if method not in distilled or "=" not in option:
+            parser.error(f"--distill-set {text!r}: expected METHOD:COMPONENT.OPTION=VALUE with METHOD one of "
+                         f"{', '.join(distilled)}")
+        extra_sets.setdefault(method, []).append(option)
     rows = []
     for ipc in args.ipc:  # small IPCs first: the quick cells land early
         for dataset in args.datasets:
@@ -86,7 +96,8 @@ def main() -> None:
                 run_dir = args.work / args.scale / f"{method}-{dataset}-ipc{ipc}"
                 _cli("distill", "--method", method, "--dataset", dataset, "--ipc", ipc, "--seed", args.seed,
                      "--device", args.device, "--out", run_dir, "--overwrite", *scale["distill"],
-                     *(["--iterations", args.iterations] if args.iterations else []))
+                     *(["--iterations", args.iterations] if args.iterations else []),
+                     *(arg for option in extra_sets.get(method, []) for arg in ("--set", option)))
                 for protocol in PROTOCOLS.get(method, ("dc-classic",)):
                     with_baseline = "random" in args.methods and not baseline_done and protocol == "dc-classic"
                     _cli("evaluate", run_dir, "--protocol", protocol, "--epochs", epochs, "--runs", runs,
@@ -107,6 +118,7 @@ def main() -> None:
                         "epochs": epochs, "runs": runs, "seed": args.seed,
                         **({"iterations": config["iterations"], "batch_real": config["batch_real"],
                             "lr_img": config["lr_img"]} if name != "random" else {}),
+                        **({"distill_sets": extra_sets[method]} if name != "random" and method in extra_sets else {}),
                         "published": published[0] if published else None,
                         "published_std": published[1] if published else None,
                         "published_verified": published[2] if published else None,

@@ -88,7 +88,8 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         published = "–" if r["published"] is None else (
             f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
             + ("" if r["published_verified"] else " *"))
-        table.append([r["dataset"], str(r["ipc"]), r["method"], protocol_label(r), _pm(r["mean"], r["std"]),
+        method = r["method"] + (" ‡" if r.get("distill_sets") else "")
+        table.append([r["dataset"], str(r["ipc"]), method, protocol_label(r), _pm(r["mean"], r["std"]),
                       *_grid_scores(r, rows, full), published, str(r.get("iterations", "–")),
                       str(r.get("batch_real", "–"))])
     cells: dict[tuple[str, int, str], dict[str, float]] = {}
@@ -124,6 +125,9 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         "reference is missing." if full else None,
         _table(["dataset", "IPC", "method", "protocol", "distillkit", "vs random", "recovery", "LRS", "published",
                 "iterations", "real/class"], table),
+        ("‡ distilled with extra settings beside the scale's: " + "; ".join(sorted(
+            {f"{r['method']}: `{' '.join(r['distill_sets'])}`" for r in rows if r.get("distill_sets")})) + ".")
+        if any(r.get("distill_sets") for r in rows) else None,
         ("M3D ≥ DM > random: " + "; ".join(verdicts) + ".") if verdicts else None,
         ("At least DM's accuracy: " + "; ".join(against_dm) + ".") if against_dm else None,
         _source(name, report),

@@ -59,8 +59,8 @@ Not reproduced:
 * the ``mutil_layer_match_loss`` branch (deeper networks than depth 5);
 * the evaluation recipe (``condenser/evaluate.py``, the configs' ``train`` block): soft labels from the
   pretrained network 0 as teacher, AdamW lr ``adamw_lr`` 0.001 for ``evaluation_epochs`` 2000 with the lr
-  stepped at every fifth, random-resized crops; distillkit's protocols train on hard labels (``idc`` is
-  the nearest);
+  stepped at every fifth, random-resized crops; distillkit's nearest are ``idc`` (hard labels) and
+  ``soft-label`` (SGD, a ConvNet-3 teacher trained on the full split, KL at temperature 1.2);
 * the reference's random numbers: it seeds nothing reproducibly; here every draw derives from the run seed.
 
 The reference pretrains once per dataset and loads files; distillkit pretrains at the start of each run
