@@ -9,20 +9,16 @@ import pytest
 import torch
 
 from distillkit import registry
-from distillkit.artifact import ARTIFACT_FORMAT, safe_load
 from distillkit.data import load_split
 from distillkit.errors import UsageError
 from distillkit_datadam.components import spatial_attention
 from tests.conftest import DATA, run_cli
 from tests.test_distributed import single_and_sharded
-from tests.test_reliability import kill_mid_run
+from tests.test_reliability import assert_resumes_as, synthetic_images as _images
 
 RUN = ("--method", "datadam", "--dataset", "mnist", "--ipc", "2", "--batch-real", "8", "--device", "cpu",
        "--seed", "2", "--log-every", "1", "--set", "sampler.model=convnet3_w32")
 
-
-def _images(run_dir: Path) -> torch.Tensor:
-    return safe_load(run_dir / "synthetic.pt", ARTIFACT_FORMAT)["images"]
 
 
 def test_spatial_attention_is_the_l2_normalised_channel_sum_of_powers():
@@ -73,10 +69,7 @@ def test_datadam_runs_resumes_after_sigkill_and_shards_bit_identically(tmp_path:
     run_cli("distill", *args, "--out", reference)
     assert not torch.equal(_images(reference), _images(tmp_path / "start"))
 
-    killed = tmp_path / "killed"
-    kill_mid_run(killed, tmp_path / "stderr", *args)
-    run_cli("distill", "--resume", killed)
-    assert torch.equal(_images(killed), _images(reference))
+    assert_resumes_as(reference, tmp_path, *args)
 
     single, sharded = single_and_sharded(tmp_path, "distill", *args)
     assert torch.equal(_images(sharded), _images(single))

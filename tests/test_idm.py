@@ -11,21 +11,18 @@ import pytest
 import torch
 
 from distillkit import registry
-from distillkit.artifact import ARTIFACT_FORMAT, CHECKPOINT_FORMAT, safe_load
+from distillkit.artifact import CHECKPOINT_FORMAT, safe_load
 from distillkit.data import data_context
 from distillkit.errors import UsageError
 from tests.conftest import DATA, refused, run_cli
 from tests.test_distributed import single_and_sharded
-from tests.test_reliability import kill_mid_run
+from tests.test_reliability import assert_resumes_as, synthetic_images as _images
 
 SMALL = ("--set", "sampler.model=convnet3_w32", "--set", "sampler.train_steps=2", "--set", "sampler.train_batch=32",
          "--set", "sampler.push_every=2", "--set", "sampler.initial_nets=2")
 RUN = ("--method", "idm", "--dataset", "mnist", "--ipc", "1", "--batch-real", "8", "--device", "cpu", "--seed", "5",
        "--log-every", "1", *SMALL)
 
-
-def _images(run_dir: Path) -> torch.Tensor:
-    return safe_load(run_dir / "synthetic.pt", ARTIFACT_FORMAT)["images"]
 
 
 # -- the loss ----------------------------------------------------------------------------------
@@ -125,11 +122,7 @@ def test_idm_resumes_bit_identically_after_sigkill_and_shards_to_the_single_proc
     queue = safe_load(reference / "checkpoint.pt", CHECKPOINT_FORMAT)["components"]["sampler"]["queue"]
     assert [n["index"] for n in queue] == [0, 1, 2, 3, 4]  # 2 initial, pushes at 0, 2, 4
 
-    killed = tmp_path / "killed"
-    kill_mid_run(killed, tmp_path / "stderr", *args)
-    run_cli("distill", "--resume", killed)
-    assert torch.equal(_images(killed), _images(reference))
-    assert (killed / "losses.jsonl").read_text() == (reference / "losses.jsonl").read_text()
+    assert_resumes_as(reference, tmp_path, *args)
 
     # two torchrun processes, each optimising 5 classes, each training the same queue from the full split
     single, sharded = single_and_sharded(tmp_path, "distill", *args)

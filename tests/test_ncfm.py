@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distillkit import registry
-from distillkit.artifact import ARTIFACT_FORMAT, CHECKPOINT_FORMAT, safe_load
+from distillkit.artifact import CHECKPOINT_FORMAT, safe_load
 from distillkit.data import data_context
 from distillkit.errors import UsageError
 from distillkit.interfaces import LearnableObjective, Objective, Stateful
@@ -19,7 +19,7 @@ from distillkit.seeding import generator
 from distillkit_ncfm.components import PHASE_FLOOR, cf_discrepancy
 from tests.conftest import DATA, refused, run_cli
 from tests.test_distributed import single_and_sharded
-from tests.test_reliability import kill_mid_run
+from tests.test_reliability import assert_resumes_as, synthetic_images as _images
 
 SMALL = ("--set", "sampler.model=convnet3_w32", "--set", "sampler.networks=2", "--set", "sampler.epochs=1",
          "--set", "sampler.train_images=64", "--set", "sampler.batch=32", "--set", "objective.frequencies=64")
@@ -27,9 +27,6 @@ RUN = ("--method", "ncfm", "--ipc", "1", "--batch-real", "8", "--device", "cpu",
        *SMALL)
 LEARNT = ("--set", "objective.sampling_net=true")
 
-
-def _images(run_dir: Path) -> torch.Tensor:
-    return safe_load(run_dir / "synthetic.pt", ARTIFACT_FORMAT)["images"]
 
 
 def _objective(**options):
@@ -173,11 +170,7 @@ def test_ncfm_resumes_bit_identically_after_sigkill_and_shards_to_the_single_pro
     assert len(state["sampler"]["weights"]) == 2  # the pretrained networks travel with the checkpoint
     assert bool(state["objective"]) == (variant == "learnt")  # the sampling network and its momentum
 
-    killed = tmp_path / "killed"
-    kill_mid_run(killed, tmp_path / "stderr", *args)
-    run_cli("distill", "--resume", killed)
-    assert torch.equal(_images(killed), _images(reference))
-    assert (killed / "losses.jsonl").read_text() == (reference / "losses.jsonl").read_text()
+    assert_resumes_as(reference, tmp_path, *args)
 
     # two torchrun processes, 5 classes each, each pretraining the same networks
     single, sharded = single_and_sharded(tmp_path, "distill", *args)

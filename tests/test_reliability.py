@@ -77,6 +77,19 @@ def kill_mid_run(run_dir: Path, stderr: Path, *args: object, lines: int = 3) -> 
     assert not (run_dir / "synthetic.pt").exists(), "the run finished before the kill: the test proved nothing"
 
 
+def synthetic_images(run_dir: Path) -> torch.Tensor:
+    return safe_load(run_dir / "synthetic.pt", ARTIFACT_FORMAT)["images"]
+
+
+def assert_resumes_as(reference: Path, tmp_path: Path, *args: object) -> None:
+    """``distill *args``, SIGKILLed mid-run and resumed, ends with ``reference``'s set and loss log exactly."""
+    killed = tmp_path / "killed"
+    kill_mid_run(killed, tmp_path / "stderr", *args)
+    run_cli("distill", "--resume", killed)
+    assert torch.equal(synthetic_images(killed), synthetic_images(reference))
+    assert (killed / "losses.jsonl").read_text() == (reference / "losses.jsonl").read_text()
+
+
 # -- resume --------------------------------------------------------------------------------
 
 
