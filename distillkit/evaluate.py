@@ -159,12 +159,13 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
         accuracy, details = merge_dicts(accuracy), merge_dicts(details)
     rows = [finished.get((model, kind)) or row(model, kind, [accuracy[model, kind, r] for r in range(runs)])
             for model in models for kind in sets]
-    if world.is_main:
-        hard = getattr(protocol, "hard_labels", lambda: protocol)()
-        full = {model: full_data_accuracy(hard.with_overrides(epochs=full_data_epochs), builder(model, synthetic.spec),
-                                          data, test, synthetic.spec, runs, seed)
-                for model in models} if full_data_epochs is not None else {}
-        rows = [_scored(r, report.rows + rows, hard.settings(), full.get(r["model"])) for r in rows]
+    # every rank trains (or reads) the references: the same networks, written atomically to one cache entry,
+    # and no rank waits at a collective while another trains for longer than its timeout
+    hard = getattr(protocol, "hard_labels", lambda: protocol)()
+    full = {model: full_data_accuracy(hard.with_overrides(epochs=full_data_epochs), builder(model, synthetic.spec),
+                                      data, test, synthetic.spec, runs, seed)
+            for model in models} if full_data_epochs is not None else {}
+    rows = [_scored(r, report.rows + rows, hard.settings(), full.get(r["model"])) for r in rows]
     report.add(rows)
     if world.active:
         torch.distributed.barrier()  # the files exist when any rank returns

@@ -11,6 +11,8 @@ The teacher is a ``teacher`` network trained on the full training split under th
 counterpart (:meth:`SoftLabelProtocol.hard_labels`) for ``teacher_epochs`` epochs, as run 0 of the
 evaluation seed, and kept in the user cache (:func:`distillkit.references.teacher`); its test accuracy and
 whether it was read back or trained are recorded with every result (``details.teacher`` in eval.json).
+Under torchrun a rank that finds no cached teacher trains it (every such rank the same network, written
+atomically): on many GPUs, train it once first (one process, or ``--runs 1``).
 """
 
 from __future__ import annotations

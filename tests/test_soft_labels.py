@@ -133,3 +133,26 @@ def test_full_data_reference_and_scores(small_run, cache):
     assert header.endswith("improvement_over_random,hard_label_recovery,hard_label_gap,label_robust_score")
     assert all(line.count(",") == header.count(",") for line in lines)
     refused("evaluate", small_run, "--full-data-epochs", "0", says="--full-data-epochs must be positive, got 0")
+
+
+def test_two_processes_give_the_single_process_soft_labels_and_scores(small_run, tmp_path):
+    """Under torchrun every rank trains the missing teacher and reference (the same networks, one cache entry);
+    the evaluation runs are shared out and the report equals one process's."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.test_distributed import _env, _torchrun
+
+    reports = {}
+    for name, launcher in (("single", [sys.executable, "-m", "distillkit"]), ("sharded", _torchrun())):
+        run_dir = tmp_path / name
+        shutil.copytree(small_run, run_dir)
+        env = {**_env(), "DISTILLKIT_REFERENCE_CACHE": str(tmp_path / f"cache-{name}")}
+        done = subprocess.run([*launcher, "evaluate", str(run_dir), *SOFT, "--full-data-epochs", "1",
+                               "--device", "cpu"], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        reports[name] = rows(run_dir)
+    key = lambda r: (r["kind"], r["accuracies"], r.get("scores"), r["details"]["teacher"]["test_accuracy"])  # noqa: E731
+    assert [key(r) for r in reports["sharded"]] == [key(r) for r in reports["single"]]
+    assert len(list((tmp_path / "cache-sharded").iterdir())) == 2  # one teacher, one full-data reference
