@@ -178,6 +178,7 @@ def _scored(row: dict[str, Any], rows: list[dict[str, Any]], hard_settings: dict
     """A synthetic row with its scores and their inputs (a baseline row, or a row without a random one, as is)."""
     def mean(kind: str, settings: dict[str, Any]) -> float | None:  # the recipe decides, not the protocol's name
         found = [r["mean"] for r in rows if r["model"] == row["model"] and r["kind"] == kind
+                 and r["seed"] == row["seed"] and (kind != "synthetic" or r["train_digest"] == row["train_digest"])
                  and _canonical(recipe(r["protocol_settings"])) == _canonical(recipe(settings))]
         return found[-1] if found else None
 
