@@ -121,8 +121,9 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         "Scores (`distillkit.scores`): `vs random`, the improvement over the random row of the cell in points; "
         "`recovery`, the share of the random-to-full-data gap the set closes; `LRS`, DD-Ranking's label-robust "
         "score on fractions. The full-data references are the next table's (hard labels, far fewer epochs than "
-        "the rows: a CPU budget, so `recovery` overstates what the sets recover at full scale); `–` where a "
-        "reference is missing." if full else None,
+        "the rows: a CPU budget, so `recovery` overstates what the sets recover at full scale); `–` where the cell "
+        "has no random row under the same protocol (`idc`) or no reference of the same recipe exists (the † rows' "
+        "recipe is gone)." if full else None,
         _table(["dataset", "IPC", "method", "protocol", "distillkit", "vs random", "recovery", "LRS", "published",
                 "iterations", "real/class"], table),
         ("‡ distilled with extra settings beside the scale's: " + "; ".join(sorted(
