@@ -143,7 +143,10 @@ def full_data(name: str, report: dict[str, Any]) -> str:
     return "\n\n".join([
         "**Full-data references** of the scores above: ConvNet-3 trained on the whole training split under the "
         "row's protocol with hard labels, for the epochs shown (`distillkit.references`, cached).",
-        _table(["dataset", "protocol", "model", "epochs", "runs", "accuracy (%)"], table), _source(name, report)])
+        _table(["dataset", "protocol", "model", "epochs", "runs", "accuracy (%)"], table), _source(name, report),
+        *(["Rows measured in parts: " + "; ".join(f"{r['dataset']} by `{_command(r['command'])}` ({r['date']}, "
+                                                  f"cache {r['cache']})" for r in report["rows"]) + "."]
+          if len({r.get("command") for r in report["rows"]}) > 1 else [])])
 
 
 def soft_labels(name: str, report: dict[str, Any]) -> str:
