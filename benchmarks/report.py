@@ -171,7 +171,8 @@ def soft_labels(name: str, report: dict[str, Any]) -> str:
         f"(its recipe on a ConvNet-3 teacher's soft labels, KL at temperature {settings.get('temperature', '–')}, "
         f"teacher trained {settings.get('teacher_epochs', '–')} (+1) epochs on the full training split): "
         f"{settings['epochs']} epochs x {len(example['accuracies'])} runs, condensed at the grid's smoke budget. "
-        f"The soft rows' LRS takes HLR from the hard rows (DD-Ranking's definition); the full-data reference "
+        f"The soft rows' LRS takes HLR from the hard rows (DD-Ranking's definition), and `recovery` is a hard-label "
+        f"score, the same on both rows of a set; `teacher` is its own test accuracy. The full-data reference "
         f"trained {example['references']['full_data']['epochs'] if (example.get('references') or {}).get('full_data') else '–'} "
         f"epoch(s) here.",
         _table(["dataset", "IPC", "method", "protocol", "synthetic", "random", "full data", "teacher", "vs random",
