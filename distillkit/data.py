@@ -19,7 +19,7 @@ from distillkit import devices
 from distillkit.errors import UsageError
 from distillkit.interfaces import DataContext, DatasetSpec, ImageSpec, ModelBuilder, TrainingSet
 from distillkit.models import builder, check_model
-from distillkit.whitening import ZCAWhitening
+from distillkit.references import fitted_whitening
 
 
 def resolve_root(data_root: str | os.PathLike | None = None) -> Path:
@@ -172,12 +172,13 @@ def load_split(spec: DatasetSpec, root: Path, train: bool, device: torch.device 
 
 
 def fitted_image_spec(spec: DatasetSpec, root: Path, train_pixels: Tensor | None = None) -> ImageSpec:
-    """``spec``'s image spec, with its ZCA whitening fitted on the training split (read now unless given)."""
+    """``spec``'s image spec, with its ZCA whitening fitted on the training split (read now unless given; the fit is
+    cached, :func:`distillkit.references.fitted_whitening`)."""
     if spec.zca_eps is None:
         return spec.image_spec
     pixels = train_pixels if train_pixels is not None else spec.load(root, True)[0]
-    normalised = spec.image_spec.normalize(pixels.float().div_(255))
-    return replace(spec.image_spec, whitening=ZCAWhitening.fit(normalised, spec.zca_eps))
+    return replace(spec.image_spec, whitening=fitted_whitening(spec.name, pixels, spec.image_spec.normalize,
+                                                               spec.zca_eps))
 
 
 def data_context(spec: DatasetSpec, options: Mapping[str, Any], root: Path, device: torch.device | str,

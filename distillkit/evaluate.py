@@ -140,6 +140,7 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
         calls.setdefault((model, kind), []).append(r)
     accuracy: dict[tuple[str, str, int], float] = {}
     details: dict[tuple[str, str], dict[str, Any]] = {}
+    hard = getattr(protocol, "hard_labels", lambda: protocol)()  # the recipe the hard-label scores use
     for done, ((model, kind), run_ids) in enumerate(calls.items()):
         on_job(done, len(calls), f"{model} / {kind}")
         with blame(label("protocol", protocol.name), "evaluate"):
@@ -152,8 +153,12 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
         if len(got) != len(run_ids):
             raise UsageError(f"protocol {protocol.name!r} returned {len(got)} accuracies for {len(run_ids)} runs")
         accuracy.update({(model, kind, r): float(a) for r, a in zip(run_ids, got)})
-        if not world.active:  # one process holds every run of this (model, set): keep it now
-            report.add([row(model, kind, [accuracy[model, kind, r] for r in range(runs)])])
+        if not world.active:  # one process holds every run of this (model, set): keep it now, scored if it can be
+            fresh = row(model, kind, [accuracy[model, kind, r] for r in range(runs)])
+            mine = fresh if kind == "synthetic" else next(
+                (r for r in report.rows[::-1] if r["model"] == model and r["kind"] == "synthetic" and same(r)), None)
+            scored = [] if mine is None else [_scored(mine, [*report.rows, fresh], hard.settings(), None)]
+            report.add(scored if kind == "synthetic" else [fresh, *scored])  # one write per (model, set)
     on_job(len(calls), len(calls), "")
     if world.active:
         accuracy, details = merge_dicts(accuracy), merge_dicts(details)
@@ -161,7 +166,6 @@ def _evaluate_locked(run: RunDir, protocol: EvalProtocol, models: Sequence[str],
             for model in models for kind in sets]
     # every rank trains (or reads) the references: the same networks, written atomically to one cache entry,
     # and no rank waits at a collective while another trains for longer than its timeout
-    hard = getattr(protocol, "hard_labels", lambda: protocol)()
     full = {model: full_data_accuracy(hard.with_overrides(epochs=full_data_epochs), builder(model, synthetic.spec),
                                       data, test, synthetic.spec, runs, seed)
             for model in models} if full_data_epochs is not None else {}

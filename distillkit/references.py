@@ -1,6 +1,7 @@
 """What is trained on the full real training split, once, and kept in the user cache: a soft-label protocol's
-**teacher** (:func:`teacher`) and the **full-data reference** accuracy (:func:`full_data_accuracy`) that
-scores (:mod:`distillkit.scores`) measure a synthetic set against.
+**teacher** (:func:`teacher`), the **full-data reference** accuracy (:func:`full_data_accuracy`) that
+scores (:mod:`distillkit.scores`) measure a synthetic set against, and a dataset's ZCA transform
+(:func:`fitted_whitening`).
 
 Both are the same for every synthetic set of a dataset and cost far more than evaluating one, so each is
 trained on first use and then read back: from ``$DISTILLKIT_REFERENCE_CACHE``, else
@@ -19,7 +20,7 @@ import os
 import time
 from hashlib import sha256
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -27,11 +28,13 @@ from torch import nn
 from distillkit.artifact import atomic_save, atomic_write_json, content_digest, safe_load, versions
 from distillkit.interfaces import DataContext, Evaluation, EvalProtocol, ImageSpec, ModelBuilder, TrainingSet
 from distillkit.seeding import seeded
+from distillkit.whitening import ZCAWhitening
 
 if TYPE_CHECKING:
     from distillkit.engine import TrainingProtocol
 
 TEACHER_FORMAT = "distillkit-teacher"
+WHITENING_FORMAT = "distillkit-zca"
 
 
 def cache_dir() -> Path:
@@ -113,3 +116,25 @@ def full_data_accuracy(protocol: EvalProtocol, model: ModelBuilder, data: DataCo
     atomic_write_json({"key": key, "result": result, "versions": versions(),
                        "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, path)
     return {**result, "cache": "trained"}
+
+
+def fitted_whitening(dataset: str, pixels: torch.Tensor, normalize: Callable[[torch.Tensor], torch.Tensor],
+                     eps: float) -> ZCAWhitening:
+    """The ZCA transform of the uint8 training ``pixels`` (normalised by ``normalize`` first), fitted on first use
+    and read back after: the fit's float reductions depend on the thread count, so without the cache a resumed
+    run, or another command on another machine, could whiten with other last bits. Keyed by the pixels' digest,
+    ``eps`` and the normalisation of a constant image. (Torchrun ranks that find no entry fit it each: run one
+    single-process command first for a sharded job.)"""
+    h = sha256(repr((dataset, float(eps))).encode())
+    h.update(pixels.contiguous().numpy().tobytes())
+    h.update(normalize(torch.ones(1, *pixels.shape[1:])).numpy().tobytes())
+    key = h.hexdigest()
+    path = cache_dir() / f"zca-{dataset}-{key[:16]}.pt"
+    if path.is_file():
+        stored = safe_load(path, WHITENING_FORMAT)
+        if stored["key"] == key:
+            return ZCAWhitening.from_dict(stored["whitening"])
+    fitted = ZCAWhitening.fit(normalize(pixels.float().div_(255)), eps)
+    atomic_save({"format": WHITENING_FORMAT, "format_version": 1, "key": key, "whitening": fitted.as_dict(),
+                 "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "versions": versions()}, path)
+    return fitted

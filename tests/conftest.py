@@ -22,6 +22,12 @@ def pytest_sessionstart(session):
         raise pytest.UsageError(f"tests need the real MNIST files under {DATA}/MNIST/raw; set DISTILLKIT_DATA")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _reference_cache(tmp_path_factory):
+    """Teachers, full-data references and ZCA fits go to a session folder, never the user's cache."""
+    os.environ["DISTILLKIT_REFERENCE_CACHE"] = str(tmp_path_factory.mktemp("references"))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch):
     """Every test starts from the entry-point plugin set (a test may load extra plugins)."""
