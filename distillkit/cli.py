@@ -257,7 +257,7 @@ def _print_eval(report: dict) -> None:
     table.add_column("model")
     table.add_column("synthetic (%)", justify="right")
     table.add_column("random baseline (%)", justify="right")
-    for title in ("over random (pts)", "full data (%)", "gap closed", "LRS"):
+    for title in ("vs random (pts)", "full data (%)", "recovery", "LRS"):
         table.add_column(title, justify="right")
     by_model: dict[str, dict[str, dict]] = {}
     for row in rows:
