@@ -26,7 +26,7 @@ from distillkit.devices import device_for_rank
 from distillkit.distributed import World, merge_dicts, world as join_world
 from distillkit.errors import UsageError
 from distillkit.interfaces import Evaluation, EvalProtocol, TrainingSet
-from distillkit.references import full_data_accuracy, recipe
+from distillkit.references import full_data_accuracy, recipe_settings
 from distillkit.scores import SCORES, scores
 from distillkit.models import builder, check_model
 from distillkit.rundir import RunDir, load_run_synthetic
@@ -181,9 +181,10 @@ def _scored(row: dict[str, Any], rows: list[dict[str, Any]], hard_settings: dict
             full: dict[str, Any] | None) -> dict[str, Any]:
     """A synthetic row with its scores and their inputs (a baseline row, or a row without a random one, as is)."""
     def mean(kind: str, settings: dict[str, Any]) -> float | None:  # the recipe decides, not the protocol's name
+        wanted = _canonical(recipe_settings(settings))
         found = [r["mean"] for r in rows if r["model"] == row["model"] and r["kind"] == kind
                  and r["seed"] == row["seed"] and (kind != "synthetic" or r["train_digest"] == row["train_digest"])
-                 and _canonical(recipe(r["protocol_settings"])) == _canonical(recipe(settings))]
+                 and _canonical(recipe_settings(r["protocol_settings"])) == wanted]
         return found[-1] if found else None
 
     random = mean("random-baseline", row["protocol_settings"])

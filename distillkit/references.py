@@ -37,6 +37,11 @@ TEACHER_FORMAT = "distillkit-teacher"
 WHITENING_FORMAT = "distillkit-zca"
 
 
+def _now() -> str:
+    """When an entry was written (UTC), as the entries record it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
 def cache_dir() -> Path:
     """``$DISTILLKIT_REFERENCE_CACHE``, else ``$XDG_CACHE_HOME/distillkit/references`` (``~/.cache/...``)."""
     if os.environ.get("DISTILLKIT_REFERENCE_CACHE"):
@@ -51,7 +56,7 @@ def full_training_set(data: DataContext) -> TrainingSet:
     return TrainingSet(train.gather(torch.arange(len(train.labels))), train.labels.to(data.device))
 
 
-def recipe(settings: dict[str, Any]) -> dict[str, Any]:
+def recipe_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """A protocol's settings less its name: what decides how a network trains (``soft-label``'s teacher recipe
     is ``dc-classic``'s)."""
     return {k: v for k, v in settings.items() if k != "name"}
@@ -63,7 +68,7 @@ def cache_key(kind: str, data: DataContext, model: str, seed: int, settings: dic
     labels = data.train().labels
     key = {"kind": kind, "dataset": data.dataset.name, "dataset_options": data.options,
            "train_images": len(labels), "labels_digest": content_digest({"labels": labels.cpu()}),
-           "model": model, "seed": seed, "settings": recipe(settings), **extra}
+           "model": model, "seed": seed, "settings": recipe_settings(settings), **extra}
     text = json.dumps(key, sort_keys=True, default=str)
     return text, f"{kind}-{data.dataset.name}-{model}-{sha256(text.encode()).hexdigest()[:16]}"
 
@@ -89,7 +94,7 @@ def teacher(recipe: "TrainingProtocol", model: ModelBuilder, data: DataContext, 
     accuracy = recipe.test_network(net, test)
     atomic_save({"format": TEACHER_FORMAT, "format_version": 1, "key": key, "test_accuracy": accuracy,
                  "weights": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-                 "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "device": str(data.device),
+                 "created": _now(), "device": str(data.device),
                  "versions": versions()}, path)
     return net, {**info, "test_accuracy": accuracy, "cache": "trained"}
 
@@ -115,7 +120,7 @@ def full_data_accuracy(protocol: EvalProtocol, model: ModelBuilder, data: DataCo
     result = {"accuracies": accuracies, "mean": float(values.mean()), "std": float(values.std(unbiased=False)),
               "runs": runs, "epochs": settings.get("epochs"), "protocol": protocol.name, "path": str(path)}
     atomic_write_json({"key": key, "result": result, "versions": versions(),
-                       "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}, path)
+                       "created": _now()}, path)
     return {**result, "cache": "trained"}
 
 
@@ -137,5 +142,5 @@ def fitted_whitening(dataset: str, pixels: torch.Tensor, normalize: Callable[[to
             return ZCAWhitening.from_dict(stored["whitening"])
     fitted = ZCAWhitening.fit(normalize(pixels.float().div_(255)), eps)
     atomic_save({"format": WHITENING_FORMAT, "format_version": 1, "key": key, "whitening": fitted.as_dict(),
-                 "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "versions": versions()}, path)
+                 "created": _now(), "versions": versions()}, path)
     return fitted
