@@ -180,27 +180,30 @@ def soft_labels(name: str, report: dict[str, Any]) -> str:
         _source(name, report)])
 
 
-def learning_rate(name: str, report: dict[str, Any]) -> str:
-    """The sweep's rows beside the grid's row at the method's default rate (same seed and budget)."""
-    grid_path = RESULTS / name.replace("learning_rate-", "accuracy-")
+def sweep(name: str, report: dict[str, Any]) -> str:
+    """Each swept setting's rows beside the grid's row at the setting's default (same seed and budget)."""
+    grid_path = RESULTS / name.replace("sweep-", "accuracy-")
     grid = json.loads(grid_path.read_text())["rows"] if grid_path.exists() else []
-    cells = list(dict.fromkeys((r["method"], r["dataset"], r["ipc"]) for r in report["rows"]))
+    cells = list(dict.fromkeys((r["method"], r["dataset"], r["ipc"], r["setting"]) for r in report["rows"]))
     table = []
-    for method, dataset, ipc in cells:
-        rows = [(r["lr_img"], r, "sweep") for r in report["rows"] if (r["method"], r["dataset"], r["ipc"]) ==
-                (method, dataset, ipc)]
-        rows += [(r["lr_img"], r, "grid (default)") for r in grid if (r["method"], r["dataset"], r["ipc"],
-                                                                      protocol_label(r)) ==
-                 (method, dataset, ipc, "dc-classic")]
-        for lr, r, source in sorted(rows, key=lambda x: x[0]):
-            table.append([method, dataset, str(ipc), f"{lr:g}", _pm(r["mean"], r["std"]), source, r["date"][:10]])
+    for method, dataset, ipc, setting in cells:
+        rows = [(r["value"], r, "sweep") for r in report["rows"]
+                if (r["method"], r["dataset"], r["ipc"], r["setting"]) == (method, dataset, ipc, setting)]
+        default = rows[0][1]["default"]
+        rows += [(default, r, "grid (default)") for r in grid
+                 if (r["method"], r["dataset"], r["ipc"], protocol_label(r)) == (method, dataset, ipc, "dc-classic")
+                 and "distill_sets" not in r]
+        for value, r, source in sorted(rows, key=lambda x: x[0]):
+            table.append([method, dataset, str(ipc), f"`{setting}`", f"{value:g}" if isinstance(value, float) else
+                          str(value), _pm(r["mean"], r["std"]), source, r["date"][:10]])
     return "\n\n".join([
-        "**Image learning rates** measured where a default was a guess, at the accuracy grid's smoke budget "
-        "(100 iterations, 64 real images per class; ConvNet-3 evaluators under `dc-classic`, 300 epochs, 3 runs, "
-        "final iterates). `grid (default)` is the grid's own row at the method's default rate, same seed. These are "
-        "test-split accuracies (the protocols have no validation split), so a default changed after them would be "
-        "chosen on test data: they are reported, not used to pick.",
-        _table(["method", "dataset", "IPC", "lr_img", "accuracy (%)", "row from", "measured"], table),
+        "**Settings swept** at the accuracy grid's smoke budget (100 iterations, 64 real images per class; "
+        "ConvNet-3 evaluators under `dc-classic`, 300 epochs, 3 runs, final iterates): image learning rates where "
+        "a default was a guess, and ablations that say where a method's accuracy comes from. `grid (default)` is "
+        "the grid's own row at the setting's default, same seed. These are test-split accuracies (the protocols "
+        "have no validation split), so a default changed after them would be chosen on test data: they are "
+        "reported, not used to pick.",
+        _table(["method", "dataset", "IPC", "setting", "value", "accuracy (%)", "row from", "measured"], table),
         _source(name, report)])
 
 
@@ -334,7 +337,7 @@ def _skipped(skipped: list[str], rows: list[dict[str, Any]], classes: int) -> st
 SECTIONS: list[tuple[Callable[[str, dict[str, Any]], str], str]] = [
     (accuracy, "accuracy-smoke-cpu.json"), (full_data, "full_data-smoke-cpu.json"),
     (accuracy, "accuracy-paper-cuda.json"), (soft_labels, "soft_labels-smoke-cpu.json"),
-    (soft_labels, "soft_labels-smoke-cuda.json"), (learning_rate, "learning_rate-smoke-cpu.json"),
+    (soft_labels, "soft_labels-smoke-cuda.json"), (sweep, "sweep-smoke-cpu.json"),
     (speed, "speed-cpu.json"), (speed, "speed-cuda.json"), (reference, "reference_dm-cpu.json"),
     (reference_eval, "reference_eval-cpu.json"), (reference_eval, "reference_eval-cuda.json"),
     (m3d_vs_dm, "m3d_vs_dm-cpu.json"), (eval_speed, "eval_speed-cpu.json"), (eval_speed, "eval_speed-cuda.json"),

@@ -83,3 +83,30 @@ def test_a_benchmark_completed_in_parts_keeps_each_rows_provenance(tmp_path, mon
                     {"cell": "b", "value": 3}]
     assert common.with_earlier_rows("demo", cpu, [{"cell": "b", "value": 3}], key,
                                     same_settings={"scale": "other"}) == [{"cell": "b", "value": 3}]
+
+
+def test_a_sweep_cell_becomes_the_distill_flag_or_set_and_records_the_default_the_grid_used():
+    """A swept setting reaches distill as its flag or as --set, and its default is what the grid's row used
+    (the scale's budget, the method's IPC-dependent rate, a method's or a factory's option); a setting that is
+    none of these is refused before any distilling."""
+    import argparse
+
+    import pytest
+
+    from benchmarks.accuracy import SCALES
+    from benchmarks.sweep import default_of, distill_args, parse_cell
+
+    smoke = SCALES["smoke"]
+    cell = parse_cell("datadam:fashionmnist:1:objective.attention_weight=0,10")
+    assert (cell.method, cell.dataset, cell.ipc, cell.values) == ("datadam", "fashionmnist", 1, ("0", "10"))
+    assert distill_args(cell.setting, "10") == ["--set", "objective.attention_weight=10"]
+    assert distill_args("lr_img", "2") == ["--lr-img", "2"]
+    assert default_of(cell, smoke) == 100.0  # the method's objective option
+    assert default_of(parse_cell("m3d:cifar10:10:lr_img=2.5"), smoke) == 5.0  # M3D's rate at IPC 10
+    assert default_of(parse_cell("dm:mnist:1:iterations=1000"), smoke) == 100  # the scale's, not the method's
+    assert default_of(parse_cell("ncfm:mnist:1:sampler.epochs=2"), smoke) == 60  # the sampler factory's
+    for bad in ("dm:mnist:1:bogus=1", "dm:mnist:1:objective.bogus=1", "dm:mnist:1:model.width=1"):
+        with pytest.raises(ValueError):
+            default_of(parse_cell(bad), smoke)
+    with pytest.raises(argparse.ArgumentTypeError, match="expected METHOD:DATASET:IPC:SETTING=VALUE"):
+        parse_cell("dm:mnist:1:0.5")

@@ -5,7 +5,7 @@ Components: objective ``mean``, parameterization ``pixel``, sampler
 baseline: ``pixel`` initialisation and no optimisation).
 
 The image learning rate 1.0 is the reference's (VICO-UoE/DatasetCondensation ``main_DM.py``). Checked on
-CIFAR-10 IPC 10 at the accuracy grid's smoke budget (``benchmarks/results/learning_rate-smoke-cpu.json``,
+CIFAR-10 IPC 10 at the accuracy grid's smoke budget (``benchmarks/results/sweep-smoke-cpu.json``,
 dc-classic 300 epochs x 3 runs): lr 0.5 / 1 / 2 gave 41.48 / 43.07 / 43.93; the default stays the
 reference's (test-split numbers, and 2 is within 1 point at a 100-iteration budget, not the reference's 20 000).
 """

@@ -23,7 +23,7 @@ Where the defaults of ``m3d`` come from:
   same evaluator seed). Each image's gradient shrinks as 1 / (decoded images per
   class), hence lr proportional to IPC; IPC 2-9 use the IPC 1 value and IPC
   above 10 the IPC 10 value (neither measured). On CIFAR-10 at the accuracy
-  grid's smoke budget (``benchmarks/results/learning_rate-smoke-cpu.json``,
+  grid's smoke budget (``benchmarks/results/sweep-smoke-cpu.json``,
   dc-classic 300 epochs x 3 runs) IPC 1 gave 31.31 / 33.26 / 35.79 at lr 0.25 /
   0.5 / 1: the default is not the best rate there. These are test-split numbers,
   so the default stays as measured on MNIST rather than be picked on test data.
