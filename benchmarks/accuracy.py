@@ -60,6 +60,24 @@ def _cli(*args: str) -> None:
     cli.main([str(a) for a in args], prog_name="distillkit", standalone_mode=False)
 
 
+def add_distill_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--distill-set", action="append", default=[], metavar="METHOD:COMPONENT.OPTION=VALUE",
+                        help="an extra --set for one method's distill (recorded in its rows), e.g. a CPU-sized "
+                             "pretraining: ncfm:sampler.networks=4")
+
+
+def distill_sets(texts: list[str], methods: list[str]) -> dict[str, list[str]]:
+    """``--distill-set`` values per method (a :class:`ValueError` naming a bad one and the methods)."""
+    sets: dict[str, list[str]] = {}
+    for text in texts:
+        method, _, option = text.partition(":")
+        if method not in methods or "=" not in option:
+            raise ValueError(f"--distill-set {text!r}: expected METHOD:COMPONENT.OPTION=VALUE with METHOD one of "
+                             f"{', '.join(methods)}")
+        sets.setdefault(method, []).append(option)
+    return sets
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", choices=list(SCALES), default="smoke")
@@ -69,9 +87,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="override the scale's evaluation epochs")
     parser.add_argument("--runs", type=int, help="override the scale's evaluation runs")
     parser.add_argument("--iterations", type=int, help="override the scale's condense iterations")
-    parser.add_argument("--distill-set", action="append", default=[], metavar="METHOD:COMPONENT.OPTION=VALUE",
-                        help="an extra --set for one method's distill (recorded in its rows), e.g. a CPU-sized "
-                             "pretraining: ncfm:sampler.networks=4")
+    add_distill_set_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks"), help="where run directories go")
@@ -81,13 +97,10 @@ def main() -> None:
     epochs, runs = args.epochs or scale["epochs"], args.runs or scale["runs"]
     device = resolve_device(args.device)
     distilled = [m for m in args.methods if m != "random"]
-    extra_sets: dict[str, list[str]] = {}
-    for text in args.distill_set:
-        method, _, option = text.partition(":")
-        if method not in distilled or "=" not in option:
-            parser.error(f"--distill-set {text!r}: expected METHOD:COMPONENT.OPTION=VALUE with METHOD one of "
-                         f"{', '.join(distilled)}")
-        extra_sets.setdefault(method, []).append(option)
+    try:
+        extra_sets = distill_sets(args.distill_set, distilled)
+    except ValueError as error:
+        parser.error(str(error))
     rows = []
     for ipc in args.ipc:  # small IPCs first: the quick cells land early
         for dataset in args.datasets:

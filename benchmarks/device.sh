@@ -26,7 +26,9 @@
 # (20 000 iterations) in its own step, so an overrun of one keeps the other. Environment overrides:
 # ACC_DATASETS, ACC_IPC, ACC_METHODS, ACC_SCALE (the cell measured when CIFAR-10 is not staged: mnist, 1,
 # random dm m3d, paper; ACC_SCALE=smoke ACC_DATASETS="mnist fashionmnist" ACC_IPC="1 10" ACC_METHODS="random
-# dm idm" gives the smoke cells IDM needs, 8x DM's time per iteration on a CPU), DEVICE (cuda), QUICK=1 (tiny settings: checks this script end to end on a CPU in a few
+# dm idm" gives the smoke cells IDM needs, 8x DM's time per iteration on a CPU), SWEEP_CELLS (cells of
+# benchmarks.sweep run after the grid, e.g. "m3d:mnist:50:lr_img=50 m3d:cifar10:50:lr_img=5,50": the IPC 50
+# rates, hours per value on a CPU), DEVICE (cuda), QUICK=1 (tiny settings: checks this script end to end on a CPU in a few
 # minutes; its numbers mean nothing; its step limits are LIMIT_SCALE=4 times the GPU's; without
 # .data/cifar-parts it takes the MNIST cell).
 set -uo pipefail
@@ -74,5 +76,9 @@ else
     # shellcheck disable=SC2086  # the grid overrides are word lists
     step 300 "${grid[@]}" --datasets ${ACC_DATASETS:-mnist} --ipc ${ACC_IPC:-1} \
         --methods ${ACC_METHODS:-random dm m3d} "${accuracy[@]}"
+fi
+if [ -n "${SWEEP_CELLS:-}" ]; then
+    # shellcheck disable=SC2086  # a word list of cells
+    step 200 python3 -m benchmarks.sweep --device "$DEVICE" --work runs/device-sweep --cells $SWEEP_CELLS
 fi
 ls -l "$OUT" "$OUT/results"

@@ -78,6 +78,16 @@ def _grid_scores(row: dict[str, Any], rows: list[dict[str, Any]], full: dict[tup
             form("label_robust_score", ".3f")]
 
 
+def _method(row: dict[str, Any]) -> str:
+    """A row's method, marked ``‡`` when it was distilled with extra settings (:func:`_distill_sets_note`)."""
+    return row["method"] + (" ‡" if row.get("distill_sets") else "")
+
+
+def _distill_sets_note(rows: list[dict[str, Any]]) -> str | None:
+    marked = sorted({f"{r['method']}: `{' '.join(r['distill_sets'])}`" for r in rows if r.get("distill_sets")})
+    return f"‡ distilled with extra settings beside the scale's: {'; '.join(marked)}." if marked else None
+
+
 def accuracy(name: str, report: dict[str, Any]) -> str:
     order = {"random": 0, "dm": 1, "m3d": 2, "idm": 3, "datadam": 4, "ncfm": 5}
     rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], protocol_label(r) != "dc-classic",
@@ -88,8 +98,7 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         published = "–" if r["published"] is None else (
             f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
             + ("" if r["published_verified"] else " *"))
-        method = r["method"] + (" ‡" if r.get("distill_sets") else "")
-        table.append([r["dataset"], str(r["ipc"]), method, protocol_label(r), _pm(r["mean"], r["std"]),
+        table.append([r["dataset"], str(r["ipc"]), _method(r), protocol_label(r), _pm(r["mean"], r["std"]),
                       *_grid_scores(r, rows, full), published, str(r.get("iterations", "–")),
                       str(r.get("batch_real", "–"))])
     cells: dict[tuple[str, int, str], dict[str, float]] = {}
@@ -126,9 +135,7 @@ def accuracy(name: str, report: dict[str, Any]) -> str:
         "recipe is gone)." if full else None,
         _table(["dataset", "IPC", "method", "protocol", "distillkit", "vs random", "recovery", "LRS", "published",
                 "iterations", "real/class"], table),
-        ("‡ distilled with extra settings beside the scale's: " + "; ".join(sorted(
-            {f"{r['method']}: `{' '.join(r['distill_sets'])}`" for r in rows if r.get("distill_sets")})) + ".")
-        if any(r.get("distill_sets") for r in rows) else None,
+        _distill_sets_note(rows),
         ("M3D ≥ DM > random: " + "; ".join(verdicts) + ".") if verdicts else None,
         ("At least DM's accuracy: " + "; ".join(against_dm) + ".") if against_dm else None,
         _source(name, report),
@@ -192,9 +199,9 @@ def sweep(name: str, report: dict[str, Any]) -> str:
         default = rows[0][1]["default"]
         rows += [(default, r, "grid (default)") for r in grid
                  if (r["method"], r["dataset"], r["ipc"], protocol_label(r)) == (method, dataset, ipc, "dc-classic")
-                 and "distill_sets" not in r]
+                 and r.get("distill_sets") == rows[0][1].get("distill_sets")]
         for value, r, source in sorted(rows, key=lambda x: x[0]):
-            table.append([method, dataset, str(ipc), f"`{setting}`", f"{value:g}" if isinstance(value, float) else
+            table.append([_method(r), dataset, str(ipc), f"`{setting}`", f"{value:g}" if isinstance(value, float) else
                           str(value), _pm(r["mean"], r["std"]), source, r["date"][:10]])
     return "\n\n".join([
         "**Settings swept** at the accuracy grid's smoke budget (100 iterations, 64 real images per class; "
@@ -204,7 +211,7 @@ def sweep(name: str, report: dict[str, Any]) -> str:
         "have no validation split), so a default changed after them would be chosen on test data: they are "
         "reported, not used to pick.",
         _table(["method", "dataset", "IPC", "setting", "value", "accuracy (%)", "row from", "measured"], table),
-        _source(name, report)])
+        *filter(None, [_distill_sets_note(report["rows"])]), _source(name, report)])
 
 
 def speed(name: str, report: dict[str, Any]) -> str:

@@ -7,7 +7,8 @@ class, seeds, epochs and runs). ``SETTING`` is a method field with a distill fla
 ``--lr-img``, ``momentum``, ``iterations``) or a component option (``objective.attention_weight`` is ``--set
 objective.attention_weight=VALUE``). The setting's default is not rerun here: with the same seed and budget it
 is the accuracy grid's own row, which the README table shows beside these rows (marked ``grid``); each row
-records that default. Writes ``benchmarks/results/sweep-smoke-<device>.json``; rows of earlier runs that this
+records that default. ``--distill-set`` adds the same extra settings as the grid's (a CPU-sized NCFM
+pretraining), and a row is set beside the grid row distilled with the same ones. Writes ``benchmarks/results/sweep-smoke-<device>.json``; rows of earlier runs that this
 one did not measure are kept, so a sweep can be completed in parts.
 
     python -m benchmarks.sweep --cells m3d:cifar10:1:lr_img=0.25,1 datadam:fashionmnist:1:objective.attention_weight=10
@@ -22,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import SCALES, _cli
+from benchmarks.accuracy import SCALES, _cli, add_distill_set_option, distill_sets
 from benchmarks.common import print_table, provenance, with_earlier_rows, write_report
 from distillkit import registry
 from distillkit.catalog import HOST_ARGUMENTS, factory_options
@@ -95,6 +96,7 @@ def default_of(cell: Cell, scale: dict[str, Any]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cells", type=parse_cell, nargs="+", required=True)
+    add_distill_set_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--work", type=Path, default=Path("runs/benchmarks-sweep"), help="where run directories go")
@@ -102,6 +104,7 @@ def main() -> None:
     scale, device = SCALES[SCALE], resolve_device(args.device)
     try:  # every cell's setting checked before the first hour of distilling
         defaults = [default_of(cell, scale) for cell in args.cells]
+        extra_sets = distill_sets(args.distill_set, list(dict.fromkeys(cell.method for cell in args.cells)))
     except ValueError as error:
         parser.error(str(error))
     rows: list[dict] = []
@@ -110,6 +113,7 @@ def main() -> None:
             run_dir = args.work / f"{cell.method}-{cell.dataset}-ipc{cell.ipc}-{cell.setting}{value}"
             _cli("distill", "--method", cell.method, "--dataset", cell.dataset, "--ipc", cell.ipc, "--seed",
                  args.seed, "--device", args.device, "--out", run_dir, "--overwrite", *scale["distill"],
+                 *(arg for option in extra_sets.get(cell.method, []) for arg in ("--set", option)),
                  *distill_args(cell.setting, value))
             _cli("evaluate", run_dir, "--protocol", "dc-classic", "--epochs", scale["epochs"], "--runs",
                  scale["runs"], "--device", args.device, "--no-baseline")
@@ -120,7 +124,8 @@ def main() -> None:
                          "mean": row["mean"], "std": row["std"], "accuracies": row["accuracies"],
                          "model": row["model"], "protocol": row["protocol"],
                          "protocol_settings": row["protocol_settings"], "iterations": config["iterations"],
-                         "batch_real": config["batch_real"], "lr_img": config["lr_img"], "seed": args.seed})
+                         "batch_real": config["batch_real"], "lr_img": config["lr_img"], "seed": args.seed,
+                         **({"distill_sets": extra_sets[cell.method]} if cell.method in extra_sets else {})})
             save(rows, scale, device)  # after every value: a long sweep keeps what it has
     print_table(rows, ["method", "dataset", "ipc", "setting", "value", "mean", "std"], title=f"sweep ({device})")
     print(f"wrote {save(rows, scale, device)}")

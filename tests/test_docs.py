@@ -93,7 +93,7 @@ def test_a_sweep_cell_becomes_the_distill_flag_or_set_and_records_the_default_th
 
     import pytest
 
-    from benchmarks.accuracy import SCALES
+    from benchmarks.accuracy import SCALES, distill_sets
     from benchmarks.sweep import default_of, distill_args, parse_cell
 
     smoke = SCALES["smoke"]
@@ -110,3 +110,8 @@ def test_a_sweep_cell_becomes_the_distill_flag_or_set_and_records_the_default_th
             default_of(parse_cell(bad), smoke)
     with pytest.raises(argparse.ArgumentTypeError, match="expected METHOD:DATASET:IPC:SETTING=VALUE"):
         parse_cell("dm:mnist:1:0.5")
+    # the grid's extra settings (a CPU-sized pretraining) go to their method's distills only
+    assert distill_sets(["ncfm:sampler.epochs=2", "ncfm:sampler.networks=4"], ["dm", "ncfm"]) == {
+        "ncfm": ["sampler.epochs=2", "sampler.networks=4"]}
+    with pytest.raises(ValueError, match="with METHOD one of dm"):
+        distill_sets(["ncfm:sampler.epochs=2"], ["dm"])
