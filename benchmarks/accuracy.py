@@ -78,6 +78,11 @@ def distill_sets(texts: list[str], methods: list[str]) -> dict[str, list[str]]:
     return sets
 
 
+def set_args(options: list[str]) -> list[str]:
+    """``--set OPTION`` for each of a method's ``--distill-set`` options."""
+    return [arg for option in options for arg in ("--set", option)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", choices=list(SCALES), default="smoke")
@@ -110,7 +115,7 @@ def main() -> None:
                 _cli("distill", "--method", method, "--dataset", dataset, "--ipc", ipc, "--seed", args.seed,
                      "--device", args.device, "--out", run_dir, "--overwrite", *scale["distill"],
                      *(["--iterations", args.iterations] if args.iterations else []),
-                     *(arg for option in extra_sets.get(method, []) for arg in ("--set", option)))
+                     *set_args(extra_sets.get(method, [])))
                 for protocol in PROTOCOLS.get(method, ("dc-classic",)):
                     with_baseline = "random" in args.methods and not baseline_done and protocol == "dc-classic"
                     _cli("evaluate", run_dir, "--protocol", protocol, "--epochs", epochs, "--runs", runs,

@@ -196,10 +196,10 @@ def sweep(name: str, report: dict[str, Any]) -> str:
     for method, dataset, ipc, setting in cells:
         rows = [(r["value"], r, "sweep") for r in report["rows"]
                 if (r["method"], r["dataset"], r["ipc"], r["setting"]) == (method, dataset, ipc, setting)]
-        default = rows[0][1]["default"]
-        rows += [(default, r, "grid (default)") for r in grid
+        first = rows[0][1]
+        rows += [(first["default"], r, "grid (default)") for r in grid
                  if (r["method"], r["dataset"], r["ipc"], protocol_label(r)) == (method, dataset, ipc, "dc-classic")
-                 and r.get("distill_sets") == rows[0][1].get("distill_sets")]
+                 and r.get("distill_sets") == first.get("distill_sets")]
         for value, r, source in sorted(rows, key=lambda x: x[0]):
             table.append([_method(r), dataset, str(ipc), f"`{setting}`", f"{value:g}" if isinstance(value, float) else
                           str(value), _pm(r["mean"], r["std"]), source, r["date"][:10]])

@@ -8,8 +8,9 @@ class, seeds, epochs and runs). ``SETTING`` is a method field with a distill fla
 objective.attention_weight=VALUE``). The setting's default is not rerun here: with the same seed and budget it
 is the accuracy grid's own row, which the README table shows beside these rows (marked ``grid``); each row
 records that default. ``--distill-set`` adds the same extra settings as the grid's (a CPU-sized NCFM
-pretraining), and a row is set beside the grid row distilled with the same ones. Writes ``benchmarks/results/sweep-smoke-<device>.json``; rows of earlier runs that this
-one did not measure are kept, so a sweep can be completed in parts.
+pretraining), and a row is set beside the grid row distilled with the same ones. Writes
+``benchmarks/results/sweep-smoke-<device>.json``; rows of earlier runs that this one did not measure are kept,
+so a sweep can be completed in parts.
 
     python -m benchmarks.sweep --cells m3d:cifar10:1:lr_img=0.25,1 datadam:fashionmnist:1:objective.attention_weight=10
 """
@@ -23,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.accuracy import SCALES, _cli, add_distill_set_option, distill_sets
+from benchmarks.accuracy import SCALES, _cli, add_distill_set_option, distill_sets, set_args
 from benchmarks.common import print_table, provenance, with_earlier_rows, write_report
 from distillkit import registry
 from distillkit.catalog import HOST_ARGUMENTS, factory_options
@@ -57,11 +58,14 @@ def parse_cell(text: str) -> Cell:
     return cell
 
 
+def flag(setting: str) -> str:
+    """The distill flag of a method field: ``lr_img`` is ``--lr-img``."""
+    return f"--{setting.replace('_', '-')}"
+
+
 def distill_args(setting: str, value: str) -> list[str]:
     """The distill arguments that give ``setting`` the value ``value``."""
-    if "." in setting:
-        return ["--set", f"{setting}={value}"]
-    return [f"--{setting.replace('_', '-')}", value]
+    return ["--set", f"{setting}={value}"] if "." in setting else [flag(setting), value]
 
 
 def default_of(cell: Cell, scale: dict[str, Any]) -> Any:
@@ -69,9 +73,8 @@ def default_of(cell: Cell, scale: dict[str, Any]) -> Any:
     option, else the component factory's own default (a :class:`ValueError` for a setting that is none)."""
     method = registry.plugins()["methods"].get(cell.method).factory
     if "." not in cell.setting:
-        flag = f"--{cell.setting.replace('_', '-')}"
-        if flag in scale["distill"]:
-            return parse_value(scale["distill"][scale["distill"].index(flag) + 1])
+        if flag(cell.setting) in scale["distill"]:
+            return parse_value(scale["distill"][scale["distill"].index(flag(cell.setting)) + 1])
         if cell.setting not in {f.name for f in dataclasses.fields(method)}:
             raise ValueError(f"{cell.setting!r} is not a field of method {cell.method!r}")
         value = getattr(method, cell.setting)
@@ -113,7 +116,7 @@ def main() -> None:
             run_dir = args.work / f"{cell.method}-{cell.dataset}-ipc{cell.ipc}-{cell.setting}{value}"
             _cli("distill", "--method", cell.method, "--dataset", cell.dataset, "--ipc", cell.ipc, "--seed",
                  args.seed, "--device", args.device, "--out", run_dir, "--overwrite", *scale["distill"],
-                 *(arg for option in extra_sets.get(cell.method, []) for arg in ("--set", option)),
+                 *set_args(extra_sets.get(cell.method, [])),
                  *distill_args(cell.setting, value))
             _cli("evaluate", run_dir, "--protocol", "dc-classic", "--epochs", scale["epochs"], "--runs",
                  scale["runs"], "--device", args.device, "--no-baseline")
