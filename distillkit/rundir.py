@@ -34,6 +34,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -128,7 +129,7 @@ class RunDir:
             except OSError as exc:
                 if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                holder = _holder_named_in(fd)
                 raise UsageError(f"run directory {self.path} is in use by {holder}; wait for it to finish "
                                  f"(one writer per run directory)") from None
             os.ftruncate(fd, 0)
@@ -322,3 +323,13 @@ def load_run_synthetic(path: Path) -> SyntheticSet:
             raise UsageError(f"{path} holds no {SYNTHETIC}: is it a finished distillkit run directory?")
         path = run.synthetic
     return load_synthetic(path)
+
+
+def _holder_named_in(fd: int) -> str:
+    """The holder the lock file names; a holder that has just taken the lock gets a moment to write its name."""
+    for _ in range(40):
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        if holder:
+            return holder
+        time.sleep(0.025)  # the winner writes its name right after flock; 1 s covers a loaded machine
+    return "another process"

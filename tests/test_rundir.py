@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +28,7 @@ import torch
 from distillkit import artifact
 from distillkit.artifact import ARTIFACT_FORMAT, CHECKPOINT_FORMAT, safe_load
 from distillkit.config import RunConfig
+from distillkit.errors import UsageError
 from distillkit.rundir import LOCK, RunDir
 from tests.conftest import DATA, ROOT, TEST_PLUGINS, refused, run_cli, snapshot
 
@@ -218,6 +221,22 @@ def test_a_cli_process_is_refused_while_another_process_writes(existing: Path):
     assert proc.returncode == 2
     assert _error_line(proc.stderr) == (f"Error: run directory {existing} is in use by process {os.getpid()} "
                                         f"(test); wait for it to finish (one writer per run directory)")
+
+
+def test_a_writer_refused_in_the_moment_before_the_holder_writes_its_name_still_names_it(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, the file still empty: the winner's state right after flock
+    late_name = threading.Timer(0.2, os.pwrite, (fd, b"process 4242 (distill)\n", 0))
+    late_name.start()
+    try:
+        with pytest.raises(UsageError, match=r"is in use by process 4242 \(distill\);"):
+            with RunDir(run_dir).writer("second"):
+                pass
+    finally:
+        late_name.join()
+        os.close(fd)
 
 
 def test_two_fresh_runs_started_together_on_one_folder_exactly_one_proceeds(tmp_path: Path):
