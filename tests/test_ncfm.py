@@ -150,7 +150,7 @@ def test_ncfm_runs_through_the_cli_on_every_builtin_dataset(tmp_path: Path):
     assert not torch.equal(_images(tmp_path / "mnist"), _images(tmp_path / "start"))  # AdamW moved the set
     assert _images(tmp_path / "mnist").shape == (40, 1, 28, 28)  # factor 2: 4 decoded images per stored one
     config = safe_load(tmp_path / "mnist" / "checkpoint.pt", CHECKPOINT_FORMAT)["config"]
-    assert (config["optimizer"], config["weight_decay"], config["lr_img"]) == ("adamw", 5e-4, 0.001)
+    assert (config["optimizer"], config["weight_decay"], config["lr_img"]) == ("adamw", 5e-4, 0.02)
     for dataset, shape in (("fashionmnist", (40, 1, 28, 28)), ("cifar10", (40, 3, 32, 32))):
         run_cli("distill", *RUN, "--dataset", dataset, "--iterations", "2", "--out", tmp_path / dataset)
         assert _images(tmp_path / dataset).shape == shape
