@@ -197,7 +197,8 @@ def sweep(name: str, report: dict[str, Any]) -> str:
         rows = [(r["value"], r, "sweep") for r in report["rows"]
                 if (r["method"], r["dataset"], r["ipc"], r["setting"]) == (method, dataset, ipc, setting)]
         first = rows[0][1]
-        rows += [(first["default"], r, "grid (default)") for r in grid
+        # the grid row's own value where it records the setting (a default changed since the sweep ran)
+        rows += [(r.get(setting, first["default"]), r, "grid (default)") for r in grid
                  if (r["method"], r["dataset"], r["ipc"], protocol_label(r)) == (method, dataset, ipc, "dc-classic")
                  and r.get("distill_sets") == first.get("distill_sets")]
         for value, r, source in sorted(rows, key=lambda x: x[0]):
