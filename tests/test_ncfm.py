@@ -182,9 +182,11 @@ def test_ncfm_resumes_bit_identically_after_sigkill_and_shards_to_the_single_pro
         # the sampling network's gradient is summed over each rank's classes, then over the 2 ranks: the same
         # terms one process's backward adds, in another order, so it differs by rounding (measured: 7e-7 in
         # the weights after one step). The game amplifies that: the gradients are O(1000) (the loss is scaled
-        # by 300) and lr 1e-3 moves the weights by O(1) a step, so after 6 steps the weights differ by ~3e-3
-        # and, through the frequencies, the images by ~4e-4 (values of order 1): close, not bit for bit
+        # by 300) and lr 1e-3 moves the weights by O(1) a step, so after 6 steps the weights differ by up to
+        # 1.3% of their norm (max entry 0.02, which rounding on another CPU moves) and, through the
+        # frequencies, the images by ~3e-4 (values of order 1): close, not bit for bit. The bound is
+        # far from what another game would give: from step 1 to step 6 the linear layers moved 60-77% of their norm
         assert torch.allclose(_images(sharded), _images(single), atol=2e-3)
         nets = [safe_load(run / "checkpoint.pt", CHECKPOINT_FORMAT)["components"]["objective"]["network"]
                 for run in (single, sharded)]
-        assert all(torch.allclose(nets[0][k], nets[1][k], atol=2e-2) for k in nets[0])
+        assert all((nets[0][k] - nets[1][k]).norm() <= 0.05 * nets[0][k].norm() for k in nets[0])
