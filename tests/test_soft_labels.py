@@ -17,7 +17,9 @@ from distillkit.soft_labels import LABEL_SETTINGS, teacher_loss
 from tests.conftest import refused, run_cli
 
 SMALL = ("--set", "dataset.train_per_class=30")  # 300 real MNIST images: a teacher trains in seconds
-SOFT = ("--protocol", "soft-label-smoke", "--epochs", "2", "--runs", "2", "--set", "protocol.teacher_epochs=1")
+# 500 test images: every network here is tested (runs, baseline, teacher, full data), and 10 000 cost half the time
+SOFT = ("--protocol", "soft-label-smoke", "--epochs", "2", "--runs", "2", "--set", "protocol.teacher_epochs=1",
+        "--test-limit", "500")
 
 
 @pytest.fixture
@@ -112,7 +114,8 @@ def test_soft_label_evaluation_caches_its_teacher(small_run, cache):
 
 
 def test_full_data_reference_and_scores(small_run, cache):
-    run_cli("evaluate", small_run, "--protocol", "smoke", "--epochs", "2", "--runs", "2", "--full-data-epochs", "1")
+    run_cli("evaluate", small_run, "--protocol", "smoke", "--epochs", "2", "--runs", "2", "--full-data-epochs", "1",
+            "--test-limit", "500")
     hard = {r["kind"]: r for r in rows(small_run)}
     full = hard["synthetic"]["references"]["full_data"]
     assert full["cache"] == "trained" and full["epochs"] == 1 and len(full["accuracies"]) == 2
