@@ -168,19 +168,34 @@ OLD_PROTOCOL_NOTE = ("† measured before `dc-classic` followed DC's `evaluate_s
                      "sample, E epochs with the decay at E/2; now one op per batch, E+1 epochs, decay after E//2+1).")
 
 
+METHOD_ORDER = {"random": 0, "dm": 1, "m3d": 2, "idm": 3, "datadam": 4, "ncfm": 5}
+
+
+def grid_order(row: dict) -> tuple:
+    """Where a row goes in a printed grid: by IPC and dataset, today's protocols before the † ones, then
+    random, DM and the methods built on it in the order they appeared."""
+    label = protocol_label(row)
+    return row["ipc"], row["dataset"], label != "dc-classic", label, METHOD_ORDER.get(row["method"], 9)
+
+
+def published_label(row: dict) -> str:
+    """A row's published figure (``–`` when none), ``*`` when not yet verified against the paper."""
+    if row["published"] is None:
+        return "–"
+    return (f"{row['published']:.1f}" + (f" ± {row['published_std']:.1f}" if row["published_std"] else "")
+            + ("" if row["published_verified"] else " *"))
+
+
 def render_markdown(rows: list[dict], scale: str, device: str) -> str:
     lines = [f"Accuracy (%), ConvNet-3, {scale} scale, {device}; mean ± std over evaluation runs, under the "
              f"protocol named on each row. Published: method-notes.md (* = not yet verified against the paper). "
              + OLD_PROTOCOL_NOTE, "",
              "| dataset | IPC | method | protocol | distillkit | published | iterations | real/class |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        published = "–" if r["published"] is None else (
-            f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
-            + ("" if r["published_verified"] else " *"))
+    for r in sorted(rows, key=grid_order):
         iterations, real = r.get("iterations", "–"), r.get("batch_real", "–")
         lines.append(f"| {r['dataset']} | {r['ipc']} | {r['method']} | {protocol_label(r)} | {r['mean']:.2f} ± {r['std']:.2f} | "
-                     f"{published} | {iterations} | {real} |")
+                     f"{published_label(r)} | {iterations} | {real} |")
     return "\n".join(lines) + "\n"
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.accuracy import OLD_PROTOCOL_NOTE, protocol_label
+from benchmarks.accuracy import OLD_PROTOCOL_NOTE, grid_order, protocol_label, published_label
 from benchmarks.common import RESULTS
 from distillkit.scores import scores
 
@@ -89,17 +89,12 @@ def _distill_sets_note(rows: list[dict[str, Any]]) -> str | None:
 
 
 def accuracy(name: str, report: dict[str, Any]) -> str:
-    order = {"random": 0, "dm": 1, "m3d": 2, "idm": 3, "datadam": 4, "ncfm": 5}
-    rows = sorted(report["rows"], key=lambda r: (r["ipc"], r["dataset"], protocol_label(r) != "dc-classic",
-                                                 protocol_label(r), order.get(r["method"], 9)))
+    rows = sorted(report["rows"], key=grid_order)
     full = _full_data(name)
     table = []
     for r in rows:
-        published = "–" if r["published"] is None else (
-            f"{r['published']:.1f}" + (f" ± {r['published_std']:.1f}" if r["published_std"] else "")
-            + ("" if r["published_verified"] else " *"))
         table.append([r["dataset"], str(r["ipc"]), _method(r), protocol_label(r), _pm(r["mean"], r["std"]),
-                      *_grid_scores(r, rows, full), published, str(r.get("iterations", "–")),
+                      *_grid_scores(r, rows, full), published_label(r), str(r.get("iterations", "–")),
                       str(r.get("batch_real", "–"))])
     cells: dict[tuple[str, int, str], dict[str, float]] = {}
     for r in rows:
