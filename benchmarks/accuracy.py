@@ -14,7 +14,9 @@ Scales:
   1000 evaluation epochs, 5 runs. Meant for a GPU.
 
 The random baseline is ``evaluate``'s baseline row (IPC random real images per class, same protocol,
-same evaluation seeds); ``random`` in ``--methods`` reports it as its own row.
+same evaluation seeds); ``random`` in ``--methods`` reports it as its own row. ``--protocols`` runs only
+some of each method's protocols (an M3D cell at IPC 50 is hours per protocol on a CPU). The results file is
+rewritten after every evaluation, so a stopped grid keeps every evaluation it finished.
 
     python -m benchmarks.accuracy --scale smoke --datasets mnist fashionmnist --ipc 1 10 --methods random dm m3d
 """
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashionmnist"])
     parser.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--methods", nargs="+", default=["random", "dm", "m3d"])
+    parser.add_argument("--protocols", nargs="+", choices=sorted({p for ps in PROTOCOLS.values() for p in ps}),
+                        help="evaluate only under these of each method's protocols (default: all of them)")
     parser.add_argument("--epochs", type=int, help="override the scale's evaluation epochs")
     parser.add_argument("--runs", type=int, help="override the scale's evaluation runs")
     parser.add_argument("--iterations", type=int, help="override the scale's condense iterations")
@@ -116,32 +120,36 @@ def main() -> None:
                      "--device", args.device, "--out", run_dir, "--overwrite", *scale["distill"],
                      *(["--iterations", args.iterations] if args.iterations else []),
                      *set_args(extra_sets.get(method, [])))
+                config = json.loads((run_dir / "config.json").read_text())
                 for protocol in PROTOCOLS.get(method, ("dc-classic",)):
+                    if args.protocols and protocol not in args.protocols:
+                        continue
                     with_baseline = "random" in args.methods and not baseline_done and protocol == "dc-classic"
                     _cli("evaluate", run_dir, "--protocol", protocol, "--epochs", epochs, "--runs", runs,
                          "--device", args.device, "--baseline" if with_baseline else "--no-baseline")
                     baseline_done |= with_baseline
-                report = json.loads((run_dir / "eval.json").read_text())
-                config = json.loads((run_dir / "config.json").read_text())
-                for row in report["results"]:
-                    if row["protocol_settings"]["epochs"] != epochs or row["runs"] != runs:
-                        continue
-                    name = method if row["kind"] == "synthetic" else "random"
-                    published = PUBLISHED.get((dataset, ipc), {}).get(name)
-                    rows.append({
-                        **provenance(), "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"],
-                        "std": row["std"],
-                        "accuracies": row["accuracies"], "model": row["model"], "protocol": row["protocol"],
-                        "protocol_settings": row["protocol_settings"],
-                        "epochs": epochs, "runs": runs, "seed": args.seed,
-                        **({"iterations": config["iterations"], "batch_real": config["batch_real"],
-                            "lr_img": config["lr_img"]} if name != "random" else {}),
-                        **({"distill_sets": extra_sets[method]} if name != "random" and method in extra_sets else {}),
-                        "published": published[0] if published else None,
-                        "published_std": published[1] if published else None,
-                        "published_verified": published[2] if published else None,
-                    })
-                save(rows, args.scale, scale, device)  # after every cell: a long grid keeps what it has
+                    report = json.loads((run_dir / "eval.json").read_text())
+                    for row in report["results"]:
+                        if (row["protocol"] != protocol or row["protocol_settings"]["epochs"] != epochs
+                                or row["runs"] != runs):
+                            continue
+                        name = method if row["kind"] == "synthetic" else "random"
+                        published = PUBLISHED.get((dataset, ipc), {}).get(name)
+                        rows.append({
+                            **provenance(), "dataset": dataset, "ipc": ipc, "method": name, "mean": row["mean"],
+                            "std": row["std"],
+                            "accuracies": row["accuracies"], "model": row["model"], "protocol": row["protocol"],
+                            "protocol_settings": row["protocol_settings"],
+                            "epochs": epochs, "runs": runs, "seed": args.seed,
+                            **({"iterations": config["iterations"], "batch_real": config["batch_real"],
+                                "lr_img": config["lr_img"]} if name != "random" else {}),
+                            **({"distill_sets": extra_sets[method]} if name != "random" and method in extra_sets
+                               else {}),
+                            "published": published[0] if published else None,
+                            "published_std": published[1] if published else None,
+                            "published_verified": published[2] if published else None,
+                        })
+                    save(rows, args.scale, scale, device)  # after every evaluation: a long grid keeps what it has
     print_table(rows, ["dataset", "ipc", "method", "protocol", "mean", "std", "published", "iterations", "batch_real"],
                 title=f"accuracy ({args.scale} scale, {epochs} epochs x {runs} runs, {device})")
     print(f"wrote {save(rows, args.scale, scale, device)}")
