@@ -28,7 +28,7 @@ from benchmarks.accuracy import SCALES, _cli, add_distill_set_option, distill_se
 from benchmarks.common import print_table, provenance, with_earlier_rows, write_report
 from distillkit import registry
 from distillkit.catalog import HOST_ARGUMENTS, factory_options
-from distillkit.config import lr_for_ipc, parse_value
+from distillkit.config import lr_for_ipc, parse_value, resolve
 from distillkit.devices import resolve_device
 
 SCALE = "smoke"
@@ -84,8 +84,10 @@ def default_of(cell: Cell, scale: dict[str, Any]) -> Any:
         raise ValueError(f"component {component!r} of {cell.setting!r}: expected one of {', '.join(COMPONENTS)}")
     kind, name = (("datasets", cell.dataset) if component == "dataset"
                   else (f"{component}s", getattr(method, component)))
-    if component != "dataset" and option in getattr(method, f"{component}_options"):
-        return getattr(method, f"{component}_options")[option]
+    if component != "dataset":  # the method's options at the cell's IPC (``ipc_options`` included)
+        method_options = getattr(resolve(method, cell.dataset, cell.ipc, {}), f"{component}_options")
+        if option in method_options:
+            return method_options[option]
     options, _ = factory_options(registry.plugins()[kind].get(name).factory, HOST_ARGUMENTS.get(kind, ()))
     for candidate in options:
         if candidate.name == option:  # the signature's default, as its repr

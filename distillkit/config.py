@@ -10,7 +10,9 @@ from typing import Any, Mapping
 from distillkit.errors import UsageError
 from distillkit.interfaces import Method
 
-COMPONENTS = ("objective", "parameterization", "sampler", "dataset")
+#: the components a method names (and options it sets through ``*_options`` and ``ipc_options``)
+METHOD_COMPONENTS = ("objective", "parameterization", "sampler")
+COMPONENTS = (*METHOD_COMPONENTS, "dataset")
 #: the image optimizers (:attr:`Method.optimizer`)
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -93,6 +95,13 @@ def lr_for_ipc(lr: float | Mapping[int, float], ipc: int) -> float:
     return float(lr[chosen])
 
 
+def options_for_ipc(ipc_options: Mapping[int, Mapping[str, Mapping[str, Any]]], ipc: int
+                    ) -> Mapping[str, Mapping[str, Any]]:
+    """A method's IPC-dependent component options at ``ipc``: the entry with the largest key <= ipc, or none."""
+    keys = [k for k in ipc_options if k <= ipc]
+    return ipc_options[max(keys)] if keys else {}
+
+
 def parse_value(text: str) -> Any:
     """``--set`` values: JSON where it parses (numbers, lists, true/null), else the plain string."""
     try:
@@ -130,9 +139,15 @@ def resolve(method: Method, dataset: str, ipc: int, overrides: Mapping[str, Any]
         "batch_real": method.batch_real, "batch_syn": method.batch_syn, "step": method.step,
         "optimizer": method.optimizer, "weight_decay": method.weight_decay,
     }
-    for component in ("objective", "parameterization", "sampler"):
+    at_ipc = options_for_ipc(method.ipc_options, ipc)
+    for component in at_ipc:
+        if component not in METHOD_COMPONENTS:
+            raise UsageError(f"method {method.name!r}: ipc_options names component {component!r}; choose one of: "
+                             f"{', '.join(METHOD_COMPONENTS)}")
+    for component in METHOD_COMPONENTS:
         name = given.pop(component, None) or getattr(method, component)
-        defaults = getattr(method, f"{component}_options") if name == getattr(method, component) else {}
+        defaults = ({**getattr(method, f"{component}_options"), **at_ipc.get(component, {})}
+                    if name == getattr(method, component) else {})
         values[component] = name
         values[f"{component}_options"] = {**defaults, **options.get(component, {})}
     values["dataset_options"] = dict(options.get("dataset", {}))

@@ -358,6 +358,9 @@ class Method:
     objective_options: Mapping[str, Any] = field(default_factory=dict)
     parameterization_options: Mapping[str, Any] = field(default_factory=dict)
     sampler_options: Mapping[str, Any] = field(default_factory=dict)
+    #: component options that change with IPC, ``{from_ipc: {component: {option: value}}}``: the entry of the
+    #: largest key <= the run's IPC is laid over the ``*_options`` above (none applies below the smallest key)
+    ipc_options: Mapping[int, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
     #: differentiable augmentation: "dsa" (one op per call), "idc" (flip+color, one geometric op, cutout) or "none"
     augment: str = "dsa"
     augment_strategy: str = "color_crop_cutout_flip_scale_rotate"

@@ -3,6 +3,7 @@ that resumes after kill -9 and shards over torchrun to the single-process result
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -113,6 +114,37 @@ def test_idm_runs_through_the_cli_and_its_options_are_checked(tmp_path: Path):
             says="idm-queue net_num must be a positive integer, got 0")
     refused("distill", *RUN, "--iterations", "1", "--set", "sampler.with_logits=false", "--out", tmp_path / "bad",
             says="objective 'idm' needs the named features embedding, logits and accuracy")
+
+
+def test_from_ipc_50_idm_takes_the_reference_ipc_50_commands_options(tmp_path: Path):
+    from benchmarks.sweep import default_of, parse_cell
+    from benchmarks.accuracy import SCALES
+    from distillkit.config import resolve
+
+    idm = registry.plugins()["methods"].get("idm").factory
+    for ipc, ce_weight, reset in ((1, 0.5, None), (10, 0.5, None), (50, 0.1, 500), (100, 0.1, 500)):
+        cfg = resolve(idm, "mnist", ipc, {})
+        assert cfg.objective_options["ce_weight"] == ce_weight
+        assert cfg.sampler_options.get("meter_reset_every") == reset  # None: the sampler's own 100
+        assert default_of(parse_cell(f"idm:mnist:{ipc}:objective.ce_weight=0"), SCALES["smoke"]) == ce_weight
+    assert resolve(idm, "mnist", 50, {}, {"objective": {"ce_weight": 0.3}}).objective_options["ce_weight"] == 0.3
+    assert "ce_weight" not in resolve(idm, "mnist", 50, {"objective": "dm"}).objective_options  # idm's only
+    run_cli("distill", *RUN, "--ipc", "50", "--iterations", "0", "--out", tmp_path / "ipc50")
+    config = json.loads((tmp_path / "ipc50" / "config.json").read_text())
+    assert (config["objective_options"]["ce_weight"], config["sampler_options"]["meter_reset_every"]) == (0.1, 500)
+
+
+def test_ipc_options_naming_no_component_of_a_method_is_refused():
+    from dataclasses import replace
+
+    from distillkit.config import resolve
+
+    idm = registry.plugins()["methods"].get("idm").factory
+    broken = replace(idm, ipc_options={10: {"objectiv": {"ce_weight": 1.0}}})
+    assert resolve(broken, "mnist", 1, {}).objective_options["ce_weight"] == 0.5  # below the smallest key: none
+    with pytest.raises(UsageError, match="ipc_options names component 'objectiv'; choose one of: objective, "
+                                         "parameterization, sampler"):
+        resolve(broken, "mnist", 10, {})
 
 
 def test_idm_resumes_bit_identically_after_sigkill_and_shards_to_the_single_process_set(tmp_path: Path):

@@ -11,6 +11,8 @@ Where the defaults of ``idm`` come from (the reference code uitrbn/IDM at fe23bb
   weight decay 5e-4) on 256 random real images, unaugmented; features = the whole feature output;
 * the loss: DM's per-class mean-embedding gap plus 0.5 x accuracy(%) x cross-entropy of the synthetic
   images (``--syn_ce --ce_weight 0.5``);
+* from IPC 50 (``ipc_options``), the IPC 50 command's ``--ce_weight 0.1`` and its ``--eval_interval 500``,
+  at which the reference also resets the networks' accuracy meters (``sampler.meter_reset_every=500``);
 * the images: 2 x 2 partitioning and expansion (``--aug``) in normalised space, unclamped, initialised from
   random real images shrunk bilinearly; SGD lr 0.2 (every command's ``--lr_img``), momentum 0.5, one step
   per class (``step="class"``); DSA's single-op Siamese augmentation ``color_crop_cutout_flip_scale_rotate``;
@@ -40,6 +42,7 @@ IDM = Method(
     objective_options={"ce_weight": 0.5},
     parameterization_options={"factor": 2, "init": "real", "space": "normalized", "resize": "bilinear"},
     sampler_options={"model": "convnet3", "with_logits": True},
+    ipc_options={50: {"objective": {"ce_weight": 0.1}, "sampler": {"meter_reset_every": 500}}},
     augment="dsa",
     augment_strategy="color_crop_cutout_flip_scale_rotate",
     lr_img=0.2,

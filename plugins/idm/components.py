@@ -43,7 +43,8 @@ class ModelQueueSampler:
     Iteration ``it``, in the reference's order:
 
     1. every ``meter_reset_every`` iterations (from ``it`` > 0) every network's accuracy meter restarts
-       (the reference resets them at each of its evaluations, every ``eval_interval`` = 100);
+       (the reference resets them at each of its evaluations, every ``eval_interval``: 100, and 500 in its
+       IPC 50 commands, which the ``idm`` method follows from IPC 50);
     2. every ``push_every`` iterations (from 0) a freshly initialised ``model`` joins the queue, the oldest
        leaves once ``net_num`` are queued; the queue starts with ``initial_nets`` (hard-coded 3 there);
     3. one random network is matched with, as it is *before* this iteration's training;
@@ -181,8 +182,9 @@ class RegularizedMeanObjective:
     regularisation (l.314-327): ``accuracy`` is the matched network's running training accuracy in percent
     (the reference's ``ClassErrorMeter`` value, 0 for an untrained network), so the term grows as the
     queue's networks learn; the cross-entropy averages over the class's synthetic images. ``ce_weight``
-    0.5 is the reference's CIFAR-10 IPC 1 and 10 commands (0.1 at IPC 50; 0 turns the term off). Needs the
-    named features of ``idm-queue`` with ``with_logits``.
+    0.5 is the reference's CIFAR-10 IPC 1 and 10 commands (0.1 in its IPC 50 command, the ``idm`` method's
+    default from IPC 50; 0 turns the term off). Needs the named features of ``idm-queue`` with
+    ``with_logits``.
     """
 
     NEEDS = ("embedding", "logits", "accuracy")
