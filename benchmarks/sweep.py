@@ -28,7 +28,7 @@ from benchmarks.accuracy import SCALES, _cli, add_distill_set_option, distill_se
 from benchmarks.common import print_table, provenance, with_earlier_rows, write_report
 from distillkit import registry
 from distillkit.catalog import HOST_ARGUMENTS, factory_options
-from distillkit.config import lr_for_ipc, parse_value, resolve
+from distillkit.config import parse_value, resolve
 from distillkit.devices import resolve_device
 
 SCALE = "smoke"
@@ -72,22 +72,20 @@ def default_of(cell: Cell, scale: dict[str, Any]) -> Any:
     """What the grid's row used for the cell's setting: the scale's flag, else the method's field or component
     option, else the component factory's own default (a :class:`ValueError` for a setting that is none)."""
     method = registry.plugins()["methods"].get(cell.method).factory
+    resolved = resolve(method, cell.dataset, cell.ipc, {})  # as the host runs it at the cell's IPC
     if "." not in cell.setting:
         if flag(cell.setting) in scale["distill"]:
             return parse_value(scale["distill"][scale["distill"].index(flag(cell.setting)) + 1])
         if cell.setting not in {f.name for f in dataclasses.fields(method)}:
             raise ValueError(f"{cell.setting!r} is not a field of method {cell.method!r}")
-        value = getattr(method, cell.setting)
-        return lr_for_ipc(value, cell.ipc) if cell.setting == "lr_img" else value
+        return getattr(resolved, cell.setting, getattr(method, cell.setting))  # lr_img: the rate at the IPC
     component, option = cell.setting.split(".", 1)
     if component not in COMPONENTS:
         raise ValueError(f"component {component!r} of {cell.setting!r}: expected one of {', '.join(COMPONENTS)}")
     kind, name = (("datasets", cell.dataset) if component == "dataset"
                   else (f"{component}s", getattr(method, component)))
-    if component != "dataset":  # the method's options at the cell's IPC (``ipc_options`` included)
-        method_options = getattr(resolve(method, cell.dataset, cell.ipc, {}), f"{component}_options")
-        if option in method_options:
-            return method_options[option]
+    if component != "dataset" and option in getattr(resolved, f"{component}_options"):  # ipc_options included
+        return getattr(resolved, f"{component}_options")[option]
     options, _ = factory_options(registry.plugins()[kind].get(name).factory, HOST_ARGUMENTS.get(kind, ()))
     for candidate in options:
         if candidate.name == option:  # the signature's default, as its repr
